@@ -1,0 +1,164 @@
+"""What the attention stages add: causality, attention weights, heads, and gpt.py's parts."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ATTENTION_STAGES, TINY, TINY_MODEL, load_stage
+
+
+def tiny_model(stage, seed=0, **overrides):
+    args = stage.parse_args(TINY + TINY_MODEL[stage.STAGE])
+    stage.fill_defaults(args, torch.device("cpu"))
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    torch.manual_seed(seed)
+    return stage.make_model(20, args).eval(), args
+
+
+def test_changing_the_future_changes_no_past_logit(attention_stage):
+    model, args = tiny_model(attention_stage)
+    x = torch.randint(20, (3, args.block_size))
+    for t in (0, 5, args.block_size - 2):
+        changed = x.clone()
+        changed[:, t + 1:] = torch.randint(20, changed[:, t + 1:].shape)
+        before, _ = model(x)
+        after, _ = model(changed)
+        assert torch.allclose(before[:, :t + 1], after[:, :t + 1], atol=1e-6)
+        assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", ["single_attention", "multi_head_attn"])
+def test_attention_weights_are_causal_and_sum_to_one(name):
+    stage = load_stage(name)
+    torch.manual_seed(0)
+    head = stage.Head(n_embd=16, head_size=8, block_size=12)
+    x = torch.randn(2, 10, 16)
+    weights = head.attention_weights(x)
+    assert weights.shape == (2, 10, 10)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 10))
+    assert torch.all(weights.triu(diagonal=1) == 0)
+    assert torch.all(weights[:, torch.ones(10, 10).tril() == 1] > 0)         # the past is all seen
+    assert head(x).shape == (2, 10, 8)                             # (B, T, hs)
+
+
+def test_multi_head_layer_shape_and_one_head_equals_a_head():
+    stage = load_stage("multi_head_attn")
+    torch.manual_seed(0)
+    layer = stage.MultiHeadAttention(n_embd=16, n_head=4, block_size=12)
+    x = torch.randn(2, 10, 16)
+    assert layer(x).shape == (2, 10, 16)
+    # the heads are independent: head i's output is exactly columns i*4..i*4+3 before the projection
+    joined = torch.cat([head(x) for head in layer.heads], dim=-1)
+    assert torch.allclose(layer(x), layer.proj(joined))
+    one = stage.MultiHeadAttention(n_embd=16, n_head=1, block_size=12)
+    single = load_stage("single_attention").Head(16, 16, 12)
+    single.load_state_dict(one.heads[0].state_dict())
+    assert torch.allclose(one(x), one.proj(single(x)), atol=1e-6)
+
+
+def test_generating_past_the_context_length(attention_stage):
+    model, args = tiny_model(attention_stage, temperature=1.0, top_k=None, top_p=1.0)
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    new = list(attention_stage.generate(model, idx, 3 * args.block_size, args, torch.device("cpu"), generator))
+    assert len(new) == 3 * args.block_size and all(t.shape == (1, 1) for t in new)
+
+
+# ---- gpt.py ----
+
+gpt = load_stage("gpt")
+
+
+def test_fused_attention_equals_the_explicit_one(monkeypatch):
+    torch.manual_seed(0)
+    layer = gpt.CausalSelfAttention(n_embd=16, n_head=4, block_size=12, dropout=0.0).eval()
+    x = torch.randn(2, 10, 16)
+    fused = layer(x)
+    monkeypatch.setattr(layer, "fused", False)
+    assert torch.allclose(fused, layer(x), atol=1e-6)
+    # and it is multi_head_attn.py's layer, with its weights laid out side by side
+    mha = load_stage("multi_head_attn").MultiHeadAttention(16, 4, 12)
+    q, k, v = layer.qkv.weight.split(16, dim=0)                    # (C, C) each, rows = heads side by side
+    for i, head in enumerate(mha.heads):
+        rows = slice(4 * i, 4 * i + 4)
+        head.query.weight.data, head.key.weight.data, head.value.weight.data = q[rows], k[rows], v[rows]
+    mha.proj.load_state_dict(layer.proj.state_dict())
+    assert torch.allclose(fused, mha(x), atol=1e-6)
+
+
+def test_block_keeps_the_shape_and_its_residual_path():
+    torch.manual_seed(0)
+    block = gpt.Block(n_embd=16, n_head=2, block_size=12, dropout=0.0)
+    x = torch.randn(2, 10, 16)
+    assert block(x).shape == x.shape
+    for layer in (block.attention.proj, block.feed_forward.proj):  # sub-layers that write nothing
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    assert torch.equal(block(x), x)                                # leave the stream as it was
+
+
+def test_full_configuration_parameter_count_and_weight_tying():
+    args = gpt.parse_args(["--preset", "full"])
+    gpt.fill_defaults(args, torch.device("cpu"))
+    assert (args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size, args.dropout) == \
+        (6, 6, 384, 256, 64, 0.2)
+    model = gpt.make_model(65, args)
+    assert model.lm_head.weight is model.token_embedding_table.weight
+    n_params = sum(p.numel() for p in model.parameters())
+    # per block: qkv 3C^2, proj C^2 + C, feed-forward 8C^2 + 5C, two layer norms 4C
+    per_block = 12 * 384 * 384 + 10 * 384
+    assert n_params == 65 * 384 + 256 * 384 + 6 * per_block + 2 * 384 == 10_763_904
+
+
+def test_laptop_preset_without_a_gpu_and_options_given_win(capsys):
+    args = gpt.parse_args(["--n_layer", "3"])
+    gpt.fill_defaults(args, torch.device("cpu"))
+    assert "laptop preset" in capsys.readouterr().out
+    assert (args.n_layer, args.n_embd) == (3, gpt.LAPTOP_PRESET["n_embd"])
+    args = gpt.parse_args([])
+    gpt.fill_defaults(args, torch.device("cuda"))
+    assert args.n_embd == gpt.n_embd == 384
+
+
+def test_learning_rate_schedule():
+    args = argparse.Namespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
+    assert gpt.get_lr(0, args) == pytest.approx(1e-5)              # warmup starts small
+    assert gpt.get_lr(49, args) == pytest.approx(5e-4)
+    assert gpt.get_lr(99, args) == pytest.approx(1e-3)             # the peak
+    assert gpt.get_lr(600, args) == pytest.approx(5.5e-4)          # half way down the cosine
+    assert gpt.get_lr(1100, args) == pytest.approx(1e-4)           # the floor
+    assert gpt.get_lr(5000, args) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    model, args = tiny_model(gpt)
+    optimizer = gpt.make_optimizer(model, args, torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert decayed["weight_decay"] == args.weight_decay and plain["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 5)])
+def test_key_value_cache_gives_the_same_tokens(temperature, top_k):
+    model, args = tiny_model(gpt, temperature=temperature, top_k=top_k, top_p=0.9)
+    prompt = torch.randint(20, (2, 5))
+    runs = []
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(3)
+        runs.append(torch.cat(list(gpt.generate(model, prompt, 3 * args.block_size, args, torch.device("cpu"),
+                                                generator, use_cache=use_cache)), dim=1))
+    assert runs[0].shape == (2, 3 * args.block_size)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_gpu_options_on_a_cpu_fall_back_cleanly(run, corpus, monkeypatch):
+    def no_compiler(model):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    code, out, err = run(gpt, "--data", corpus, "--compile", "--dtype", "bfloat16", "--device", "cpu")
+    assert code == 0, err
+    assert "torch.compile does not work here" in out
+    assert run.metrics(gpt)["dtype"] == "bfloat16"

@@ -1,0 +1,208 @@
+"""Every bad input: one clear line on stderr, a non-zero exit, no traceback, nothing lost."""
+import http.server
+import os
+import threading
+
+import pytest
+import torch
+
+from conftest import STAGES, load_stage, make_text
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("content, fragments", [
+    (None, ["not found"]),
+    (b"", ["is empty"]),
+    (b"short", ["too short", "block_size + 1 = 17"]),
+    (b"fine text\n\n" * 30 + b"\xff\xfe broken", ["not UTF-8", "0xff", "offset 330", "line 61"]),
+])
+def test_bad_data_files(stage, run, tmp_path, content, fragments):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = run(stage, "--data", path)
+    if content is None:
+        fragments = [f"cannot read data file {path}"]
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_unreadable_data_file(stage, run, tmp_path):
+    code, _, err = run(stage, "--data", tmp_path)                  # a folder, not a file
+    assert_one_line_error(code, err, "cannot read data file")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--batch_size", "0", "--batch_size must be at least 1"),
+    ("--block_size", "-3", "--block_size must be at least 1"),
+    ("--max_iters", "0", "--max_iters must be at least 1"),
+    ("--eval_interval", "0", "--eval_interval must be at least 1"),
+    ("--eval_iters", "0", "--eval_iters must be at least 1"),
+    ("--learning_rate", "-0.001", "--learning_rate must be positive"),
+    ("--learning_rate", "nan", "--learning_rate must be positive"),
+    ("--temperature", "-0.5", "--temperature cannot be negative"),
+    ("--top_k", "0", "--top_k must be at least 1"),
+    ("--top_p", "0", "--top_p must be in (0, 1]"),
+    ("--top_p", "1.5", "--top_p must be in (0, 1]"),
+    ("--num_samples", "0", "--num_samples must be at least 1"),
+    ("--max_new_tokens", "-1", "--max_new_tokens cannot be negative"),
+    ("--dtype", "float8", "--dtype must be auto, float32 or bfloat16"),
+])
+def test_impossible_settings(stage, run, corpus, option, value, fragment):
+    code, _, err = run(stage, "--data", corpus, option, value)
+    assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("name, option, value, fragment", [
+    ("single_attention", "--n_embd", "0", "--n_embd must be at least 1"),
+    ("multi_head_attn", "--n_head", "3", "--n_head (3) must divide --n_embd (16)"),
+    ("gpt", "--n_layer", "0", "--n_layer must be at least 1"),
+    ("gpt", "--dropout", "1", "--dropout must be in [0, 1)"),
+    ("gpt", "--weight_decay", "-1", "--weight_decay cannot be negative"),
+])
+def test_impossible_model_settings(run, corpus, name, option, value, fragment):
+    code, _, err = run(load_stage(name), "--data", corpus, option, value)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_unknown_option_and_bad_number_are_usage_errors(stage, run, corpus):
+    assert run(stage, "--data", corpus, "--max_iter", "5")[0] == 2           # no abbreviations
+    assert run(stage, "--data", corpus, "--max_iters", "many")[0] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_missing_device(stage, run, corpus):
+    code, _, err = run(stage, "--data", corpus, "--device", "cuda")
+    assert_one_line_error(code, err, "--device cuda", "no CUDA GPU")
+
+
+def test_prompt_with_unknown_characters(stage, run, corpus, tmp_path):
+    assert run(stage, "--data", corpus)[0] == 0
+    code, _, err = run(stage, "--sample", "--prompt", "Zebra€", tiny=False, out_dir=tmp_path / "out" / stage.STAGE)
+    assert_one_line_error(code, err, "not in the model's vocabulary", "'Zb€'")
+
+
+def test_sample_or_evaluate_without_checkpoint(stage, run, tmp_path, corpus):
+    for action in (["--sample"], ["--evaluate", str(corpus)]):
+        code, _, err = run(stage, *action, tiny=False, out_dir=tmp_path / "nothing")
+        assert_one_line_error(code, err, "no checkpoint at", "train first")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+def test_damaged_or_foreign_checkpoint(stage, run, tmp_path, corpus, damage):
+    out_dir = tmp_path / "out" / stage.STAGE
+    assert run(stage, "--data", corpus)[0] == 0
+    path = out_dir / "ckpt.pt"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        torch.save({"state_dict": {}}, path)
+    code, _, err = run(stage, "--sample", tiny=False, out_dir=out_dir)
+    assert_one_line_error(code, err, str(path))
+
+
+def test_checkpoint_of_another_stage(run, tmp_path, corpus):
+    bigram, gpt = load_stage("bigram"), load_stage("gpt")
+    assert run(bigram, "--data", corpus, out_dir=tmp_path / "shared")[0] == 0
+    code, _, err = run(gpt, "--sample", tiny=False, out_dir=tmp_path / "shared")
+    assert_one_line_error(code, err, "written by bigram.py, not gpt.py")
+    code, _, err = run(gpt, "--data", corpus, "--resume", out_dir=tmp_path / "shared")
+    assert_one_line_error(code, err, "written by bigram.py, not gpt.py")
+
+
+def test_failures_never_touch_a_good_checkpoint(stage, run, tmp_path, corpus):
+    out_dir = tmp_path / "out" / stage.STAGE
+    assert run(stage, "--data", corpus)[0] == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    other = tmp_path / "other.txt"
+    other.write_text("entirely different characters: 0123456789 " * 50, encoding="utf-8")
+    failures = [("--data", tmp_path / "missing.txt"), ("--data", corpus, "--top_p", "2"),
+                ("--data", other, "--resume"), ("--sample", "--prompt", "€")]
+    for argv in failures:
+        assert run(stage, *argv)[0] != 0
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+def test_evaluate_names_unknown_characters_or_skips_them(stage, run, tmp_path, corpus):
+    assert run(stage, "--data", corpus)[0] == 0
+    out_dir = tmp_path / "out" / stage.STAGE
+    other = tmp_path / "other.txt"
+    other.write_text("ROMEO: the night! the day?\n" * 3, encoding="utf-8")
+    code, _, err = run(stage, "--evaluate", other, tiny=False, out_dir=out_dir)
+    assert_one_line_error(code, err, "not in the model's vocabulary", "'!?'")
+    code, out, err = run(stage, "--evaluate", other, "--skip_unknown", tiny=False, out_dir=out_dir)
+    assert code == 0, err
+    assert "6 unknown characters left out" in out and "bits per character" in out
+
+
+# ---- the download of the default corpus, against local sources only ----
+
+@pytest.fixture
+def served(tmp_path):
+    """A loopback HTTP server that serves one file, started and stopped by the test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "input.txt").write_text(make_text(), encoding="utf-8")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/input.txt", root / "input.txt"
+    server.shutdown()
+    server.server_close()
+
+
+def sha256(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("source", ["http", "file"])
+def test_download_when_the_default_corpus_is_missing(run, tmp_path, served, monkeypatch, source):
+    bigram = load_stage("bigram")
+    url, file = served
+    monkeypatch.setattr(bigram, "DATA_URL", url if source == "http" else file.as_uri())
+    monkeypatch.setattr(bigram, "DATA_SHA256", sha256(file))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run(bigram, out_dir=work / "out")
+    assert code == 0, err
+    assert "downloading tiny Shakespeare" in out
+    assert (work / "input.txt").read_bytes() == file.read_bytes()
+    assert sorted(p.name for p in work.iterdir()) == ["input.txt", "out"]   # no temporary files left
+
+
+@pytest.mark.parametrize("problem", ["checksum", "unreachable", "missing"])
+def test_failed_download_leaves_nothing_behind(run, tmp_path, served, monkeypatch, problem):
+    bigram = load_stage("bigram")
+    url, file = served
+    monkeypatch.setattr(bigram, "DATA_SHA256", "0" * 64 if problem == "checksum" else sha256(file))
+    if problem == "unreachable":
+        url = "http://127.0.0.1:9/input.txt"                       # the discard port: nobody listens
+    elif problem == "missing":
+        url = url.replace("input.txt", "nowhere.txt")
+    monkeypatch.setattr(bigram, "DATA_URL", url)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run(bigram, out_dir=work / "out")
+    if problem == "checksum":
+        assert_one_line_error(code, err, "sha256 mismatch", "nothing was written")
+    else:
+        assert_one_line_error(code, err, f"cannot download {url}", "--data PATH")
+    assert list(work.iterdir()) == []
