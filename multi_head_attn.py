@@ -217,12 +217,12 @@ def estimate_loss(model, splits, args, device):
     model.eval()                                                   # eval mode: no dropout
     out = {}
     for name, data in splits.items():
-        losses = torch.zeros(args.eval_iters)
+        losses = torch.zeros(args.eval_iters, device=device)      # on the device: no wait per batch
         for k in range(args.eval_iters):
             x, y = get_batch(data, args.batch_size, args.block_size, device)
             with autocast(device, args.dtype):
                 _, loss = model(x, y)
-            losses[k] = loss.item()
+            losses[k] = loss
         out[name] = losses.mean().item()
     model.train()
     return out
@@ -573,7 +573,8 @@ def evaluate(args, device):
         raise CLIError(f"{args.evaluate} has fewer than 2 characters the model knows: nothing to score")
     nats, scored = exact_loss(model, data[:args.max_eval_chars + 1], args, device)
     skipped = f"; {len(text) - len(data):,} unknown characters left out" if args.skip_unknown else ""
-    print(f"{args.evaluate}: {scored:,} characters scored{skipped}")
+    capped = f" (the first {scored:,} of {len(data) - 1:,}: --max_eval_chars)" if len(data) - 1 > scored else ""
+    print(f"{args.evaluate}: {scored:,} characters scored{capped}{skipped}")
     print(f"loss {nats:.4f} nats, {nats / math.log(2):.4f} bits per character, perplexity {math.exp(nats):.3f}")
     return nats, scored
 

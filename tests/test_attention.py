@@ -76,6 +76,7 @@ def test_fused_attention_equals_the_explicit_one(monkeypatch):
     torch.manual_seed(0)
     layer = gpt.CausalSelfAttention(n_embd=16, n_head=4, block_size=12, dropout=0.0).eval()
     x = torch.randn(2, 10, 16)
+    monkeypatch.setattr(layer, "fused", True)
     fused = layer(x)
     monkeypatch.setattr(layer, "fused", False)
     assert torch.allclose(fused, layer(x), atol=1e-6)

@@ -191,3 +191,23 @@ def test_import_has_no_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
                    cwd=tmp_path, check=True, timeout=60)
     assert list(tmp_path.iterdir()) == []                          # nothing downloaded or written
+
+
+def test_samples_during_training_leave_the_run_unchanged(stage, corpus, run, tmp_path):
+    assert run(stage, "--data", corpus, out_dir=tmp_path / "quiet")[0] == 0
+    code, out, err = run(stage, "--data", corpus, "--sample_every", "10", "--prompt", "ROMEO", out_dir=tmp_path / "chatty")
+    assert code == 0, err
+    assert out.count("\nROMEO") >= 3                               # at steps 0, 10, 20, and the final sample
+    # sampling has its own random generator: the training run itself is the same
+    assert [row[:3] for row in read_log(tmp_path / "quiet" / "log.csv")] == \
+        [row[:3] for row in read_log(tmp_path / "chatty" / "log.csv")]
+
+
+def test_exact_evaluation_can_be_capped_and_says_so(stage, corpus, run, tmp_path):
+    code, out, err = run(stage, "--data", corpus, "--max_eval_chars", "100")
+    assert code == 0, err
+    assert "(100 characters, the first 100 of " in out and run.metrics(stage)["val_chars"] == 100
+    code, out, err = run(stage, "--evaluate", corpus, "--max_eval_chars", "50", tiny=False,
+                         out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 0, err
+    assert "50 characters scored (the first 50 of " in out

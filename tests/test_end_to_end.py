@@ -1,0 +1,35 @@
+"""The command line as a learner uses it: real processes, and the real corpus where present."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REAL_CORPUS, ROOT, TINY, TINY_MODEL, load_stage
+
+
+def test_command_line_end_to_end(tmp_path, corpus):
+    out_dir = tmp_path / "out"
+    train = [sys.executable, "gpt.py", "--data", str(corpus), "--out_dir", str(out_dir), *TINY, *TINY_MODEL["gpt"]]
+    done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "exact val loss" in done.stdout and "Traceback" not in done.stderr
+    sample = [sys.executable, "gpt.py", "--sample", "--out_dir", str(out_dir), "--prompt", "JULIET:",
+              "--max_new_tokens", "40", "--dtype", "float32"]
+    done = subprocess.run(sample, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("JULIET:") and len(done.stdout) == len("JULIET:") + 40 + 1
+    done = subprocess.run(sample + ["--prompt", "~"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("gpt.py: error:") and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not REAL_CORPUS, reason="tiny Shakespeare is not here")
+def test_real_corpus(run, tmp_path):
+    bigram = load_stage("bigram")
+    code, out, err = run(bigram, "--data", REAL_CORPUS[0], "--max_iters", "300", "--eval_interval", "100",
+                         tiny=False)
+    assert code == 0, err
+    assert "1,115,394 characters, 65 distinct" in out
+    metrics = run.metrics(bigram)
+    assert metrics["val_chars"] == 111_539                         # the whole validation split, scored once
+    assert 2.45 < metrics["val_loss"] < 2.65                       # near the bigram floor after 300 steps

@@ -1,0 +1,212 @@
+"""Speed of every stage, measured against this machine's own matrix-multiply peak.
+
+    python tools/bench.py                        each stage at its defaults, gpt.py also at
+                                                 nanoGPT's CPU recipe; then sampling speed
+    python tools/bench.py --config "n_layer=4 n_embd=128 block_size=64 batch_size=12"
+                                                 gpt.py at another configuration as well
+    python tools/bench.py --corpus               loading a 10 MB and a 100 MB corpus
+
+Training is timed by running each script for real (a subprocess, its own training loop,
+its own tokens/s, which leave out evaluations and saving), so the figures are what a user
+gets. A table goes to the terminal and everything to out/bench.json.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+STAGES = ["bigram", "single_attention", "multi_head_attn", "gpt"]
+NANOGPT_CPU = "n_layer=4 n_head=4 n_embd=128 block_size=64 batch_size=12 dropout=0.0"   # nanoGPT's README
+CORPUS = [ROOT.parent / "shared" / "data" / "input.txt", ROOT / "input.txt"]
+
+
+def matmul_peak(device, dtype, seconds=1.0):
+    """GFLOP/s of a large square matrix product: the most this machine does in `dtype`."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        sync(device) if count % 8 == 0 else None
+    sync(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load(stage):
+    return __import__(stage)
+
+
+def resolved_args(stage, argv, device):
+    module = load(stage)
+    args = module.parse_args(argv)
+    module.fill_defaults(args, device)
+    args.dtype = module.pick_dtype(args.dtype, device)
+    return module, args
+
+
+def flops_per_token(model, block_size):
+    """6N for the weight matrices (forward and backward), plus attention's scores and
+    weighted sums, 12 * T * (width of all heads), as in the PaLM paper's appendix."""
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    heads = 0
+    for m in model.modules():
+        if type(m).__name__ == "Head":
+            heads += m.key.out_features
+        elif type(m).__name__ == "CausalSelfAttention":
+            heads += m.qkv.out_features // 3
+    return 6 * matrices + 12 * block_size * heads
+
+
+def config_argv(config):
+    return [part for item in config.split() for part in ("--" + item.split("=")[0], item.split("=")[1])]
+
+
+def time_training(stage, argv, data, device, steps):
+    """Run the script for `steps` steps; its tokens/s, and the process's peak memory."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        command = [sys.executable, f"{stage}.py", "--data", str(data), "--out_dir", out_dir, "--device",
+                   device.type, "--max_iters", str(steps), "--eval_interval", str(steps), "--eval_iters", "1",
+                   "--max_eval_chars", "1000", "--max_new_tokens", "0", *argv]
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            sys.exit(f"bench: {' '.join(command)} failed:\n{process.stderr.read().decode()}")
+        metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
+    metrics["peak_rss_mb"] = usage.ru_maxrss / 1024                # Linux reports kilobytes
+    return metrics
+
+
+def time_generation(module, args, device, new_tokens, use_cache=None):
+    torch.manual_seed(0)
+    model = module.make_model(65, args).to(device)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    kwargs = {} if use_cache is None else {"use_cache": use_cache}
+    sync(device)
+    start = time.perf_counter()
+    for _ in module.generate(model, idx, new_tokens, args, device, generator, **kwargs):
+        pass
+    sync(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def bench_training(device, configs, steps, data):
+    fp32 = matmul_peak(device, torch.float32)
+    bf16 = matmul_peak(device, torch.bfloat16)
+    print(f"matrix-multiply peak: float32 {fp32:.0f} GFLOP/s, bfloat16 {bf16:.0f} GFLOP/s")
+    rows = []
+    for stage, label, argv in configs:
+        module, args = resolved_args(stage, argv, device)
+        flops = flops_per_token(module.make_model(65, args), args.block_size)
+        metrics = time_training(stage, argv, data, device, steps)
+        tokens = metrics["tokens_per_sec"]
+        rows.append(dict(stage=stage, config=label, dtype=metrics["dtype"], params=metrics["params"],
+                         ms_per_step=1000 * args.batch_size * args.block_size / tokens, tokens_per_sec=tokens,
+                         flops_per_token=flops, gflops=flops * tokens / 1e9,
+                         of_fp32_peak=flops * tokens / 1e9 / fp32, of_bf16_peak=flops * tokens / 1e9 / bf16,
+                         peak_rss_mb=metrics["peak_rss_mb"]))
+        r = rows[-1]
+        print(f"{stage + '.py ' + label:44} {r['dtype']:9} {r['ms_per_step']:8.1f} ms/step "
+              f"{tokens:10,.0f} tok/s {r['gflops']:7.1f} GFLOP/s  {r['of_fp32_peak']:5.2f} x fp32 peak  "
+              f"{r['of_bf16_peak']:5.2f} x bf16 peak  {r['peak_rss_mb']:6.0f} MB", flush=True)
+    return dict(fp32_peak_gflops=fp32, bf16_peak_gflops=bf16, training=rows)
+
+
+def bench_sampling(device, new_tokens):
+    """New tokens per second from a freshly initialised model (speed does not depend on its weights)."""
+    rows = []
+    for stage in STAGES:
+        module, args = resolved_args(stage, [], device)
+        rows.append(dict(stage=stage, config="defaults", cache=None,
+                         tokens_per_sec=time_generation(module, args, device, new_tokens)))
+    module, args = resolved_args("gpt", ["--preset", "full"], device)   # context 256
+    for use_cache in (False, True):
+        rows.append(dict(stage="gpt", config="full (context 256)", cache=use_cache,
+                         tokens_per_sec=time_generation(module, args, device, new_tokens, use_cache)))
+    for r in rows:
+        cache = "" if r["cache"] is None else " with the cache" if r["cache"] else " without the cache"
+        print(f"sampling, {r['stage']}.py {r['config']}{cache}: {r['tokens_per_sec']:,.0f} new tokens/s")
+    print(f"key/value cache speed-up at context 256: {rows[-1]['tokens_per_sec'] / rows[-2]['tokens_per_sec']:.1f}x")
+    return rows
+
+
+def bench_corpus(source):
+    """Launch-to-first-step time and peak memory of bigram.py on a 10 MB and a 100 MB text."""
+    text = Path(source).read_bytes()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for megabytes in (10, 100):
+            path = Path(folder) / f"corpus_{megabytes}mb.txt"
+            with open(path, "wb") as f:
+                for _ in range(megabytes * 10 ** 6 // len(text) + 1):
+                    f.write(text)
+            command = [sys.executable, "-u", "bigram.py", "--data", str(path), "--out_dir", str(Path(folder) / "out"),
+                       "--max_iters", "1", "--eval_iters", "1", "--max_new_tokens", "0"]
+            start = time.perf_counter()
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            first_step = None
+            for line in process.stdout:
+                if line.startswith("step 0:") and first_step is None:
+                    first_step = time.perf_counter() - start
+            _, status, usage = os.wait4(process.pid, 0)
+            rows.append(dict(megabytes=path.stat().st_size / 1e6, launch_to_first_step_s=first_step,
+                             whole_run_s=time.perf_counter() - start, peak_rss_mb=usage.ru_maxrss / 1024))
+            r = rows[-1]
+            print(f"corpus of {r['megabytes']:.0f} MB: training starts {first_step:.1f} s after launch, "
+                  f"whole run {r['whole_run_s']:.1f} s, peak memory {r['peak_rss_mb']:.0f} MB", flush=True)
+    print(f"load time, 100 MB over 10 MB: {rows[1]['launch_to_first_step_s'] / rows[0]['launch_to_first_step_s']:.1f}x")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[],
+                        help='another gpt.py configuration, e.g. "n_layer=4 n_embd=128" (repeatable)')
+    parser.add_argument("--steps", type=int, default=200, help="training steps timed per configuration")
+    parser.add_argument("--new_tokens", type=int, default=1000, help="tokens generated per sampling test")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--corpus", action="store_true", help="only the large-corpus loading test")
+    parser.add_argument("--data", default=next((str(p) for p in CORPUS if p.exists()), None),
+                        help="text to train on (default: tiny Shakespeare where present)")
+    parser.add_argument("--json", type=Path, default=ROOT / "out" / "bench.json")
+    args = parser.parse_args(argv)
+    if args.data is None:
+        sys.exit("bench: no corpus found: run python bigram.py once (it downloads input.txt), or pass --data")
+    device = load("bigram").pick_device(args.device)
+    hardware = load("bigram").hardware_name(device)
+    print(f"{hardware}; PyTorch {torch.__version__}; Python {platform.python_version()}")
+    report = dict(hardware=hardware, device=device.type, torch=torch.__version__)
+    if args.corpus:
+        report["corpus"] = bench_corpus(args.data)
+    else:
+        configs = [(stage, "defaults", []) for stage in STAGES]
+        configs += [("gpt", config, config_argv(config)) for config in [NANOGPT_CPU] + args.config]
+        report.update(bench_training(device, configs, args.steps, args.data))
+        report["sampling"] = bench_sampling(device, args.new_tokens)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"bench: wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Rebuild the README's results: run the four stages, collect their figures, draw the loss curves.
+
+    python tools/report.py              all four stages with their defaults (about 10 minutes
+                                        on a 2-core CPU), then rewrite README.md's results
+                                        and docs/loss_curves.png
+    python tools/report.py --quick      a smoke pass in seconds: tiny runs, written under
+                                        out/report-quick/, README.md untouched
+    python tools/report.py --render     only redraw README.md and the figure from docs/results.json
+
+Each machine (device and hardware) keeps its own rows in docs/results.json: a run on a
+GPU adds rows naming the GPU and leaves the CPU's rows as they were.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["bigram", "single_attention", "multi_head_attn", "gpt"]
+ADDS = {
+    "bigram": "a table: next character from the current one",
+    "single_attention": "embeddings + one causal self-attention head",
+    "multi_head_attn": "several heads side by side",
+    "gpt": "feed-forward, residual blocks, layer norm, dropout, GPT-2 details",
+}
+QUICK = ["--max_iters", "40", "--eval_interval", "20", "--eval_iters", "4", "--batch_size", "8",
+         "--block_size", "32", "--max_new_tokens", "120"]
+QUICK_MODEL = {"bigram": [], "single_attention": ["--n_embd", "32"], "multi_head_attn": ["--n_embd", "32"],
+               "gpt": ["--n_embd", "32", "--n_layer", "2", "--n_head", "4"]}
+# published validation losses on tiny Shakespeare, drawn for comparison
+REFERENCES = [  # value, label, colour, label above or below the line
+    (2.45, "bigram floor (about 2.45)", "0.5", "bottom"),
+    (2.40, "lecture: one head, 2.4", "tab:orange", "top"),
+    (2.28, "lecture: four heads, 2.28", "tab:green", "top"),
+    (1.88, "nanoGPT, CPU recipe: 1.88", "tab:purple", "bottom"),
+    (1.48, "lecture: gpt.py, 1.48", "tab:red", "bottom"),
+    (1.4697, "nanoGPT, GPU: 1.4697", "tab:brown", "top"),
+]
+BEGIN, END = "<!-- results:begin (tools/report.py writes this part) -->", "<!-- results:end -->"
+
+
+def run_stage(stage, argv, log_path):
+    """Run one stage's script as a learner would, its output kept in log_path."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run([sys.executable, f"{stage}.py", *argv], cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"report: {stage}.py failed (exit {done.returncode}); its output is in {log_path}")
+
+
+def collect(stage, out_dir):
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    with open(out_dir / "log.csv", newline="", encoding="utf-8") as f:
+        metrics["log"] = [[float(v) for v in row] for row in list(csv.reader(f))[1:]]
+    return metrics
+
+
+def machine_key(runs):
+    first = runs[0]
+    return f"{first['device']}: {first['hardware']}"
+
+
+def fmt_time(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def render_markdown(results):
+    """The README's results section: one table and samples per machine."""
+    lines = [BEGIN, ""]
+    for key, runs in results.items():
+        first = runs[0]
+        lines += [f"**{first['hardware']}** ({first['device']}, PyTorch {first['torch']}), "
+                  f"each script with its defaults, `python tools/report.py`:", "",
+                  "| script | adds | parameters | steps | characters seen | time | tokens/s | "
+                  "val loss (nats) | bits/char |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in runs:
+            seen = m["iters"] * m["batch_size"] * m["block_size"]
+            lines.append(f"| `{m['stage']}.py` | {ADDS[m['stage']]} | {m['params']:,} | {m['iters']:,} | "
+                         f"{seen / 1e6:.1f} M | {fmt_time(m['seconds'])} | {m['tokens_per_sec']:,.0f} | "
+                         f"**{m['val_loss']:.3f}** | {m['val_bpc']:.3f} |")
+        lines += ["", "Val loss is the exact loss over the whole validation split (111,539 characters) of the "
+                  "checkpoint with the best estimated validation loss; time is the whole run, start to exit. "
+                  "Samples, the first lines after a newline prompt:", ""]
+        for m in runs:
+            sample = [line for line in m["sample"].strip("\n").splitlines() if line.strip()][:3]
+            lines += [f"`{m['stage']}.py`:", "```", *sample, "```"]
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_readme(readme, results):
+    text = readme.read_text(encoding="utf-8") if readme.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        sys.exit(f"report: {readme} has no results markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(head + render_markdown(results) + tail, encoding="utf-8")
+
+
+def draw(results, path):
+    """Validation loss of every stage against training time and against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colors = dict(zip(STAGES, ["tab:gray", "tab:orange", "tab:green", "tab:red"]))
+    styles = ["-", "--", ":", "-."]
+    for (key, runs), style in zip(results.items(), styles):
+        for m in runs:
+            steps = [row[0] for row in m["log"]]
+            seconds = [max(row[3], 0.1) for row in m["log"]]
+            val = [row[2] for row in m["log"]]
+            label = f"{m['stage']}.py ({m['device']})"
+            axes[0].plot(seconds, val, style, color=colors[m["stage"]], label=label)
+            axes[1].plot(steps, val, style, color=colors[m["stage"]], label=label)
+    for ax in axes:
+        for value, label, color, where in REFERENCES:
+            ax.axhline(value, color=color, lw=0.8, ls=(0, (4, 4)))
+            if ax is axes[0]:                                      # labelled once, at the left
+                ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color=color,
+                            va=where, xytext=(0, 2 if where == "bottom" else -2), textcoords="offset points")
+        ax.set_ylim(1.3, 4.3)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training time (s, log scale)")
+    axes[1].set_xlabel("training step")
+    axes[0].set_ylabel("validation loss (nats per character, estimate)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle("tiny Shakespeare: validation loss of the four stages")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny runs, written under out/report-quick/")
+    parser.add_argument("--render", action="store_true", help="only redraw from the results file")
+    parser.add_argument("--data", default=None, help="passed on to each script (default: its own, input.txt)")
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--out", type=Path, default=None, help="where the runs and, with --quick, "
+                        "everything else go (default out/report, or out/report-quick)")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.json")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "loss_curves.png")
+    args, extra = parser.parse_known_args(argv)                    # anything else goes to every script
+    out = args.out or ROOT / "out" / ("report-quick" if args.quick else "report")
+    if args.quick:                                                 # a smoke pass never touches the README
+        args.results, args.readme, args.figure = out / "results.json", out / "README.md", out / "loss_curves.png"
+
+    results = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
+    if not args.render:
+        runs = []
+        for stage in args.stages:
+            out_dir = out / stage
+            argv = ["--out_dir", str(out_dir)] + (["--data", args.data] if args.data else [])
+            if args.quick:
+                argv += QUICK + QUICK_MODEL[stage]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"report: running {stage}.py {' '.join(argv + extra)}", flush=True)
+            run_stage(stage, argv + extra, out / f"{stage}.log")
+            runs.append(collect(stage, out_dir))
+            print(f"report: {stage}.py: exact val loss {runs[-1]['val_loss']:.4f} in "
+                  f"{fmt_time(runs[-1]['seconds'])}", flush=True)
+        kept = {m["stage"]: m for m in results.get(machine_key(runs), [])}   # stages not rerun stay
+        kept.update({m["stage"]: m for m in runs})
+        results[machine_key(runs)] = [kept[stage] for stage in STAGES if stage in kept]
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    if not results:
+        sys.exit(f"report: no results in {args.results}: run without --render first")
+    update_readme(args.readme, results)
+    draw(results, args.figure)
+    print(f"report: wrote {args.readme}, {args.figure} and {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
