@@ -610,6 +610,9 @@ def main(argv=None):
     except CLIError as e:
         print(f"{STAGE}.py: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:                                           # a disk full, a folder not writable...
+        print(f"{STAGE}.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{STAGE}.py: interrupted", file=sys.stderr)
         return 130

@@ -51,7 +51,7 @@ grad_clip = 1.0        # NEW: gradient norms above this are scaled down to it (0
 
 # On a 2-core CPU the configuration above takes about 10 s a step. Without a GPU,
 # these values replace it: a model sized to train in about 5 minutes there.
-LAPTOP_PRESET = dict(batch_size=32, block_size=128, max_iters=3600, eval_interval=300, eval_iters=25,
+LAPTOP_PRESET = dict(batch_size=32, block_size=128, max_iters=3200, eval_interval=400, eval_iters=25,
                      learning_rate=2e-3, n_embd=128, n_head=4, n_layer=4, dropout=0.0, warmup_iters=100,
                      min_lr=2e-4)
 
@@ -282,9 +282,9 @@ class CausalSelfAttention(nn.Module):
     weights and on the output, and a key/value cache for sampling."""
 
     # True: PyTorch's fused attention kernel; False: the products written out below (a test
-    # checks that both agree). None picks by device: the fused kernel on GPUs; on CPUs the
-    # written-out products, whose backward pass in bfloat16 is much faster there (profiled
-    # on PyTorch 2.13: the whole training step at the laptop preset takes half the time)
+    # checks that both agree). None picks: the fused kernel, but for training on a CPU, where
+    # the written-out products' backward pass in bfloat16 is much faster (profiled on
+    # PyTorch 2.13: a training step at the laptop preset takes half the time)
     fused = None
 
     def __init__(self, n_embd, n_head, block_size, dropout):
@@ -308,7 +308,7 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v                          # (B, nh, T_past + T, hs)
         causal = T > 1                                             # one new query may see every key before it
-        if self.fused or (self.fused is None and x.device.type != "cpu"):   # the same, in one kernel
+        if self.fused or (self.fused is None and (x.device.type != "cpu" or not torch.is_grad_enabled())):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=causal)
         else:                                                      # as in multi_head_attn.py's Head
@@ -469,10 +469,12 @@ def generate(model, idx, max_new_tokens, args, device, generator, use_cache=True
     model.eval()
     start = max(0, idx.shape[1] - args.block_size)                 # the context is idx[:, start:]
     caches = None
-    for _ in range(max_new_tokens):
-        if idx.shape[1] - start > args.block_size:                 # full: keep the last half
-            start, caches = idx.shape[1] - args.block_size // 2, None
-        with autocast(device, args.dtype):
+    # One autocast for the whole loop: it keeps the bfloat16 copies of the weights between
+    # steps instead of casting all of them again for every new character.
+    with autocast(device, args.dtype):
+        for _ in range(max_new_tokens):
+            if idx.shape[1] - start > args.block_size:             # full: keep the last half
+                start, caches = idx.shape[1] - args.block_size // 2, None
             if not use_cache:
                 logits, _ = model(idx[:, start:])                  # (B, T, vocab), all of the context again
             elif caches is None:
@@ -480,9 +482,9 @@ def generate(model, idx, max_new_tokens, args, device, generator, use_cache=True
                 logits, _ = model(idx[:, start:], caches=caches)  # fill the caches with the context
             else:
                 logits, _ = model(idx[:, -1:], caches=caches)     # (B, 1, vocab): the newest position only
-        next_id = sample_next(logits[:, -1, :], args.temperature, args.top_k, args.top_p, generator)
-        idx = torch.cat((idx, next_id), dim=1)                     # (B, T+1)
-        yield next_id
+            next_id = sample_next(logits[:, -1, :], args.temperature, args.top_k, args.top_p, generator)
+            idx = torch.cat((idx, next_id), dim=1)                 # (B, T+1)
+            yield next_id
     model.train()
 
 
@@ -816,6 +818,9 @@ def main(argv=None):
             train(args, device)
     except CLIError as e:
         print(f"{STAGE}.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:                                           # a disk full, a folder not writable...
+        print(f"{STAGE}.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{STAGE}.py: interrupted", file=sys.stderr)

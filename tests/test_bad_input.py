@@ -206,3 +206,10 @@ def test_failed_download_leaves_nothing_behind(run, tmp_path, served, monkeypatc
     else:
         assert_one_line_error(code, err, f"cannot download {url}", "--data PATH")
     assert list(work.iterdir()) == []
+
+
+def test_unwritable_out_dir(stage, run, corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = run(stage, "--data", corpus, out_dir=blocker / "out")
+    assert_one_line_error(code, err, str(blocker / "out"))

@@ -1,0 +1,26 @@
+"""tools/bench.py's arithmetic (the timing itself is a benchmark, not a test)."""
+import importlib
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+bench = importlib.import_module("bench")
+
+
+def test_flops_per_token_counts_weight_matrices_and_attention():
+    module, args = bench.resolved_args("gpt", ["--preset", "full"], torch.device("cpu"))
+    model = module.make_model(65, args)
+    C, L, T = 384, 6, 256
+    matrices = L * 12 * C * C + 65 * C                             # the blocks, and the (tied) output layer
+    assert bench.flops_per_token(model, T) == 6 * matrices + 12 * T * L * C
+    module, args = bench.resolved_args("multi_head_attn", [], torch.device("cpu"))
+    model = module.make_model(65, args)
+    C = args.n_embd
+    assert bench.flops_per_token(model, 64) == 6 * (3 * C * C + C * C + 65 * C) + 12 * 64 * C
+
+
+def test_config_strings_become_options():
+    assert bench.config_argv("n_layer=4 block_size=64") == ["--n_layer", "4", "--block_size", "64"]
