@@ -55,10 +55,18 @@ HYPERPARAMETERS = {  # name: (type, what it means), for --help
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = "input.txt"
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "dtype")   # --resume with a longer run
 
 
 class CLIError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistyped option is one line (exit 2), not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 # ---------------------------------------------------------------------------
@@ -115,6 +123,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                                       # mkstemp's files are private
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -159,7 +168,7 @@ def codepoint_chunks(text, chunk=1 << 22):
     """The text as arrays of Unicode code points, a few million characters at a time,
     so that a large corpus never needs four bytes per character all at once."""
     for start in range(0, len(text), chunk):
-        yield np.frombuffer(text[start:start + chunk].encode("utf-32-le"), dtype=np.uint32)
+        yield np.frombuffer(text[start:start + chunk].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 class CharTokenizer:
@@ -333,7 +342,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     """Choose the next token from the last position's logits, (B, vocab) -> (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)                  # greedy: always the likeliest
-    logits = logits.float() / temperature                          # below 1 sharpens, above 1 flattens
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature   # below 1 sharpens, above 1 flattens
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))   # keep only the k likeliest
@@ -358,11 +368,16 @@ def generate(model, idx, max_new_tokens, args, device, generator):
     model.train()
 
 
+def encode_prompt(tokenizer, prompt):
+    ids = tokenizer.encode(prompt)                                 # unknown characters: an error naming them
+    if len(ids) == 0:
+        raise CLIError("--prompt must have at least one character")
+    return ids.astype(np.int64)
+
+
 def sample_text(model, tokenizer, args, device, max_new_tokens, stream=None):
     """Generate num_samples texts after the prompt, written to `stream` as they grow."""
-    prompt = tokenizer.encode(args.prompt).astype(np.int64)
-    if len(prompt) == 0:
-        raise CLIError("--prompt must have at least one character")
+    prompt = encode_prompt(tokenizer, args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)   # same seed, same text
     texts = []
     for i in range(args.num_samples):
@@ -441,6 +456,16 @@ def restore_model(checkpoint, args, device):
 
 def train(args, device):
     started = time.time()
+    best_path, last_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "last.pt")
+    resume = load_checkpoint(last_path) if args.resume else None
+    if resume is not None:                                         # the run's own settings, checked again
+        for name, value in resume["config"].items():
+            if name in args.given and getattr(args, name) != value and name not in RESUME_MAY_CHANGE:
+                raise CLIError(f"--{name} {getattr(args, name)} differs from {last_path}'s {value}: a resumed "
+                               f"run keeps its settings but for {', '.join(RESUME_MAY_CHANGE)}")
+            if name not in args.given and name != "dtype":       # precision belongs to this machine
+                setattr(args, name, value)
+        check_args(args)
     text = read_text(args.data)
     tokenizer = CharTokenizer.from_text(text)
     data = tokenizer.encode(text)
@@ -451,15 +476,10 @@ def train(args, device):
         if len(split) < args.block_size + 1:
             raise CLIError(f"{args.data} is too short: its {name} split has {len(split)} characters, "
                            f"fewer than block_size + 1 = {args.block_size + 1}")
+    encode_prompt(tokenizer, args.prompt)                          # a bad prompt fails now, not after training
 
-    best_path, last_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "last.pt")
-    resume = load_checkpoint(last_path) if args.resume else None
-    if resume is not None:
-        if resume["vocab"] != tokenizer.chars:
-            raise CLIError(f"{last_path} was trained on text with other characters than {args.data}")
-        for name, value in resume["config"].items():               # options given now win (a longer run)
-            if name not in args.given:
-                setattr(args, name, value)
+    if resume is not None and resume["vocab"] != tokenizer.chars:
+        raise CLIError(f"{last_path} was trained on text with other characters than {args.data}")
     torch.manual_seed(args.seed)
     model = make_model(tokenizer.vocab_size, args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -480,29 +500,31 @@ def train(args, device):
     print(f"{STAGE}: {n_params:,} parameters; {len(data):,} characters, {tokenizer.vocab_size} distinct; "
           f"device {device} ({hardware_name(device)}), {args.dtype}")
 
-    def save(path, rng):
+    def save(path, rng, best_val_loss):
         save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), config=config,
-                        vocab=tokenizer.chars, step=step, best_val_loss=best_val, log=log, rng=rng,
+                        vocab=tokenizer.chars, step=step, best_val_loss=best_val_loss, log=log, rng=rng,
                         seconds=log[-1][3])                        # saved right after this step's log row
 
     def training_seconds():                                        # evaluations and saving excluded
         return seconds_before + time.time() - loop_started - overhead
 
     bar = tqdm(total=args.max_iters, initial=step, desc=STAGE, dynamic_ncols=True, disable=None)
-    stop_at, first_step, overhead = args.max_iters, step, 0.0
+    stop_at, first_step, overhead, interrupted = args.max_iters, step, 0.0, False
     loop_started = time.time()
     while True:
-        rng = rng_state(device)                                    # what resuming at this step restores
+        rng, rng_step = rng_state(device), step                    # what resuming at this step restores
         try:
             if step % args.eval_interval == 0 or step == stop_at:
                 t0, elapsed = time.time(), training_seconds()
                 losses = estimate_loss(model, splits, args, device)
+                if log and log[-1][0] == step:                     # evaluated again after a Ctrl-C
+                    log.pop()
                 log.append([step, losses["train"], losses["val"], round(elapsed, 3)])
                 bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if losses["val"] < best_val:                       # only a better model replaces ckpt.pt
+                    save(best_path, rng, losses["val"])
                     best_val = losses["val"]
-                    save(best_path, rng)
-                save(last_path, rng)
+                save(last_path, rng, best_val)
                 atomic_write(os.path.join(args.out_dir, "log.csv"), lambda f: write_log(f, log))
                 if args.sample_every and step % args.sample_every == 0:
                     bar.write(sample_text(model, tokenizer, args, device, 200)[0])
@@ -520,11 +542,12 @@ def train(args, device):
             if step % 10 == 0:                                     # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         except KeyboardInterrupt:
-            if stop_at == step:                                    # a second Ctrl-C: give up at once
+            if interrupted:                                        # a second Ctrl-C: give up at once
                 raise
             bar.write(f"interrupted at step {step}: evaluating and saving what was trained so far")
-            stop_at = step
-            set_rng_state(rng, device)
+            stop_at, interrupted = step, True
+            if step == rng_step:                                   # step unfinished: undo its random draws
+                set_rng_state(rng, device)
     bar.close()
     train_seconds = max(time.time() - loop_started - overhead, 1e-9)          # this run's share
 
@@ -583,8 +606,7 @@ def evaluate(args, device):
 # Command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=f"{STAGE}.py", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = ArgumentParser(prog=f"{STAGE}.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     group = parser.add_argument_group("hyperparameters (defaults at the top of the file)")
     for name, (kind, meaning) in HYPERPARAMETERS.items():
         group.add_argument(f"--{name}", type=kind, default=None, help=f"{meaning} (default {globals()[name]})")

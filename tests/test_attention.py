@@ -1,6 +1,7 @@
 """What the attention stages add: causality, attention weights, heads, and gpt.py's parts."""
 import argparse
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -163,3 +164,29 @@ def test_gpu_options_on_a_cpu_fall_back_cleanly(run, corpus, monkeypatch):
     assert code == 0, err
     assert "torch.compile does not work here" in out
     assert run.metrics(gpt)["dtype"] == "bfloat16"
+
+
+def test_resume_with_compile_and_dropout_matches_an_unbroken_run(run, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model: model)    # the warm-up runs, without a compiler
+    options = ["--data", corpus, "--max_iters", "30", "--compile", "--dropout", "0.1"]
+    assert run(gpt, *options, out_dir=tmp_path / "whole")[0] == 0
+    real = gpt.get_batch
+    calls = []
+
+    def interrupt(*args):
+        if sys._getframe(1).f_code.co_name == "train":
+            calls.append(None)
+            if len(calls) == 18:
+                raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(gpt, "get_batch", interrupt)
+    assert run(gpt, *options, out_dir=tmp_path / "broken")[0] == 0
+    monkeypatch.setattr(gpt, "get_batch", real)
+    assert run(gpt, *options, "--resume", out_dir=tmp_path / "broken")[0] == 0
+    assert run.metrics(gpt, tmp_path / "broken")["val_loss"] == run.metrics(gpt, tmp_path / "whole")["val_loss"]
+
+
+def test_context_of_one_character(run, corpus):
+    code, out, err = run(gpt, "--data", corpus, "--block_size", "1")
+    assert code == 0, err

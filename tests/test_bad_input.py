@@ -71,9 +71,26 @@ def test_impossible_model_settings(run, corpus, name, option, value, fragment):
     assert_one_line_error(code, err, fragment)
 
 
-def test_unknown_option_and_bad_number_are_usage_errors(stage, run, corpus):
-    assert run(stage, "--data", corpus, "--max_iter", "5")[0] == 2           # no abbreviations
-    assert run(stage, "--data", corpus, "--max_iters", "many")[0] == 2
+def test_unknown_option_and_bad_number_are_one_line_usage_errors(stage, run, corpus):
+    code, _, err = run(stage, "--data", corpus, "--max_iter", "5")         # no abbreviations
+    assert code == 2 and err.count("\n") == 1 and "unrecognized arguments: --max_iter" in err
+    code, _, err = run(stage, "--data", corpus, "--max_iters", "many")
+    assert code == 2 and err.count("\n") == 1 and "invalid int value: 'many'" in err
+
+
+def test_bad_prompt_is_refused_before_training(stage, run, corpus, tmp_path):
+    for prompt, fragment in (("€", "not in the model's vocabulary"), ("", "at least one character"),
+                             ("\udcff", "not in the model's vocabulary")):   # a byte that was not UTF-8
+        code, _, err = run(stage, "--data", corpus, "--prompt", prompt)
+        assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()                         # nothing trained, nothing written
+
+
+def test_extreme_sampling_settings_still_sample(stage, run, corpus, tmp_path):
+    assert run(stage, "--data", corpus)[0] == 0
+    code, out, err = run(stage, "--sample", "--temperature", "1e-45", "--max_new_tokens", "5", tiny=False,
+                         out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 0, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -147,31 +147,66 @@ def test_top_p_keeps_the_smallest_likely_set(stage):
     assert picks == {0, 1}
 
 
-def test_interrupt_keeps_the_work_and_resume_matches_an_unbroken_run(stage, corpus, run, tmp_path, monkeypatch):
+class Interrupt:
+    """Raises KeyboardInterrupt, as a Ctrl-C would, at the n-th call of a wrapped function."""
+
+    def __init__(self, function, n, only_from=None):
+        self.function, self.n, self.only_from, self.calls = function, n, only_from, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.only_from is None or sys._getframe(1).f_code.co_name == self.only_from:
+            self.calls += 1
+            if self.calls == self.n:
+                raise KeyboardInterrupt
+        return self.function(*args, **kwargs)
+
+
+def steps_and_losses(path):
+    return [row[:3] for row in read_log(path / "log.csv")]
+
+
+@pytest.mark.parametrize("where", ["mid-step", "after the step", "while saving", "final evaluation"])
+def test_interrupt_keeps_the_work_and_resume_matches_an_unbroken_run(stage, corpus, run, tmp_path, monkeypatch,
+                                                                      where):
     assert run(stage, "--data", corpus, "--max_iters", "30", out_dir=tmp_path / "whole")[0] == 0
-    whole = read_log(tmp_path / "whole" / "log.csv")
-
-    real_get_batch, training_calls = stage.get_batch, []
-
-    def interrupt_at_step_17(*args):
-        if sys._getframe(1).f_code.co_name == "train":             # a training batch, not an estimate's
-            training_calls.append(None)
-            if len(training_calls) == 18:
-                raise KeyboardInterrupt                            # as if Ctrl-C came during step 17
-        return real_get_batch(*args)
-
-    monkeypatch.setattr(stage, "get_batch", interrupt_at_step_17)
+    if where == "mid-step":                                        # a training batch, not an estimate's
+        monkeypatch.setattr(stage, "get_batch", Interrupt(stage.get_batch, 18, only_from="train"))
+    elif where == "after the step":                                # just after step += 1
+        monkeypatch.setattr(stage, "tqdm", lambda *a, **k: type("Bar", (), {
+            "update": Interrupt(lambda n: None, 17), "write": print, "close": lambda self: None,
+            "set_postfix": lambda self, **k: None})())
+    elif where == "while saving":                                  # the first save of ckpt.pt
+        monkeypatch.setattr(stage, "save_checkpoint", Interrupt(stage.save_checkpoint, 1))
+    else:                                                          # the estimate at the last step
+        monkeypatch.setattr(stage, "estimate_loss", Interrupt(stage.estimate_loss, 4))
     code, out, err = run(stage, "--data", corpus, "--max_iters", "30", out_dir=tmp_path / "broken")
-    monkeypatch.setattr(stage, "get_batch", real_get_batch)
+    monkeypatch.undo()
     assert code == 0, err
     assert "interrupted at step" in out
     metrics = run.metrics(stage, tmp_path / "broken")
-    assert metrics["iters"] == 17 and (tmp_path / "broken" / "ckpt.pt").exists() and metrics["sample"]
-
-    code, out, err = run(stage, "--data", corpus, "--max_iters", "30", "--resume", out_dir=tmp_path / "broken")
-    assert code == 0, err
-    assert [row[:3] for row in read_log(tmp_path / "broken" / "log.csv")] == [row[:3] for row in whole]
+    assert (tmp_path / "broken" / "ckpt.pt").exists() and metrics["sample"]
+    steps = [row[0] for row in read_log(tmp_path / "broken" / "log.csv")]
+    assert len(steps) == len(set(steps))                           # each step logged once
+    if where != "final evaluation":
+        assert metrics["iters"] == {"mid-step": 17, "after the step": 17, "while saving": 0}[where]
+        code, out, err = run(stage, "--data", corpus, "--max_iters", "30", "--resume", out_dir=tmp_path / "broken")
+        assert code == 0, err
+    assert steps_and_losses(tmp_path / "broken") == steps_and_losses(tmp_path / "whole")
     assert run.metrics(stage, tmp_path / "broken")["val_loss"] == run.metrics(stage, tmp_path / "whole")["val_loss"]
+
+
+def test_resume_keeps_the_run_s_settings(stage, corpus, run, tmp_path):
+    assert run(stage, "--data", corpus, "--max_iters", "20")[0] == 0
+    # without the tiny settings on the command line: they come from the checkpoint
+    code, out, err = run(stage, "--data", corpus, "--resume", "--max_iters", "30", tiny=False,
+                         out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 0, err
+    assert "resuming from" in out and run.metrics(stage)["iters"] == 30
+    assert run.metrics(stage)["block_size"] == 16
+    code, _, err = run(stage, "--data", corpus, "--resume", "--batch_size", "8", tiny=False,
+                       out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 1 and err.count("\n") == 1
+    assert "--batch_size 8 differs from" in err and "keeps its settings but for max_iters" in err
 
 
 def test_best_checkpoint_is_never_replaced_by_a_worse_one(stage, corpus, run, tmp_path):
