@@ -455,6 +455,9 @@ def train(args, device):
     def training_seconds():                                        # evaluations and saving excluded
         return seconds_before + time.time() - loop_started - overhead
 
+    if resume is None and os.path.exists(best_path):               # a new run: keep the last run's model
+        os.replace(best_path, os.path.join(args.out_dir, "previous.pt"))
+        print(f"{best_path}, the model of an earlier run, is now {os.path.join(args.out_dir, 'previous.pt')}")
     bar = tqdm(total=args.max_iters, initial=step, desc=STAGE, dynamic_ncols=True, disable=None)
     stop_at, first_step, overhead, interrupted = args.max_iters, step, 0.0, False
     loop_started = time.time()

@@ -246,3 +246,13 @@ def test_exact_evaluation_can_be_capped_and_says_so(stage, corpus, run, tmp_path
                          out_dir=tmp_path / "out" / stage.STAGE)
     assert code == 0, err
     assert "50 characters scored (the first 50 of " in out
+
+
+def test_a_new_run_keeps_the_earlier_run_s_model(stage, corpus, run, tmp_path):
+    out_dir = tmp_path / "out" / stage.STAGE
+    assert run(stage, "--data", corpus)[0] == 0
+    first = (out_dir / "ckpt.pt").read_bytes()
+    code, out, err = run(stage, "--data", corpus, "--seed", "7")
+    assert code == 0, err
+    assert "the model of an earlier run, is now" in out
+    assert (out_dir / "previous.pt").read_bytes() == first and (out_dir / "ckpt.pt").read_bytes() != first
