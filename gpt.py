@@ -8,6 +8,7 @@ configuration sized for the hardware. The rest is multi_head_attn.py, line for l
 Run it with no arguments to train, evaluate, save and sample; --help lists every option.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -468,6 +469,23 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
+@contextlib.contextmanager
+def one_vector_kernels(device, dtype_name):
+    """NEW: a cached step multiplies every weight matrix by one vector, a job that is all
+    reading weights and almost no arithmetic. On a CPU in bfloat16, PyTorch hands matrix
+    products to oneDNN, which is built for big ones and slow at a one-vector product;
+    PyTorch's own kernel for it (from version 2.6) is faster. So oneDNN is off during a
+    cached step only, and on again before anything else runs (tools/bench.py measures
+    sampling both ways)."""
+    before = torch.backends.mkldnn.enabled
+    if device.type == "cpu" and dtype_name == "bfloat16" and torch.__version__ >= (2, 6):
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, args, device, generator, use_cache=True):
     """Yield new tokens one at a time, (B, 1) each; each is appended to the context of the next.
@@ -478,7 +496,8 @@ def generate(model, idx, max_new_tokens, args, device, generator, use_cache=True
     newest position: one position of work instead of up to block_size. When the context
     is full, the window jumps: it keeps its last half and the cache is rebuilt from it
     (sliding by one character would shift every position and void the cache).
-    use_cache=False computes the same tokens the slow way, to check against."""
+    use_cache=False computes the same tokens the slow way, to check against (bit for bit in
+    float32; in bfloat16 the two ways round differently, so long samples may part)."""
     model.eval()
     start = max(0, idx.shape[1] - args.block_size)                 # the context is idx[:, start:]
     caches = None
@@ -494,7 +513,8 @@ def generate(model, idx, max_new_tokens, args, device, generator, use_cache=True
                 caches = [{} for _ in model.blocks]
                 logits, _ = model(idx[:, start:], caches=caches)  # fill the caches with the context
             else:
-                logits, _ = model(idx[:, -1:], caches=caches)     # (B, 1, vocab): the newest position only
+                with one_vector_kernels(device, args.dtype):
+                    logits, _ = model(idx[:, -1:], caches=caches)  # (B, 1, vocab): the newest position only
             next_id = sample_next(logits[:, -1, :], args.temperature, args.top_k, args.top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)                 # (B, T+1)
             yield next_id

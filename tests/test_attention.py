@@ -156,6 +156,35 @@ def test_key_value_cache_gives_the_same_tokens(temperature, top_k):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("dtype, version, off", [("bfloat16", "2.13.0", True), ("float32", "2.13.0", False),
+                                                  ("bfloat16", "2.5.1", False)])
+def test_onednn_is_off_for_cached_bfloat16_steps_only(dtype, version, off, monkeypatch):
+    model, args = tiny_model(gpt, dtype=dtype, temperature=0.0)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    seen = []                                                      # (positions in the call, oneDNN on)
+    model.register_forward_hook(lambda module, inputs, output: seen.append(
+        (inputs[0].shape[1], torch.backends.mkldnn.enabled)))
+    outside = [torch.backends.mkldnn.enabled for _ in gpt.generate(model, torch.zeros((1, 3), dtype=torch.long),
+                                                                    2 * args.block_size, args,
+                                                                    torch.device("cpu"), None)]
+    assert all(outside) and torch.backends.mkldnn.enabled         # the caller never sees it off
+    assert {on for positions, on in seen if positions > 1} == {True}   # filling the cache: big products
+    assert {on for positions, on in seen if positions == 1} == {not off}
+
+
+def test_a_cached_bfloat16_step_computes_the_same_logits():
+    model, args = tiny_model(gpt)
+    x = torch.randint(20, (2, args.block_size))
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad(), gpt.autocast(torch.device("cpu"), "bfloat16"):
+        whole, _ = model(x)                                        # every position at once, oneDNN on
+        model(x[:, :-1], caches=caches)
+        with gpt.one_vector_kernels(torch.device("cpu"), "bfloat16"):
+            step, _ = model(x[:, -1:], caches=caches)              # the last position alone
+    assert torch.allclose(step[:, 0].float(), whole[:, -1].float(), atol=0.05)
+    assert not torch.allclose(step[:, 0].float(), whole[:, -2].float(), atol=0.05)
+
+
 def test_gpu_options_on_a_cpu_fall_back_cleanly(run, corpus, monkeypatch):
     def no_compiler(model):
         raise RuntimeError("no compiler here")

@@ -24,3 +24,14 @@ def test_flops_per_token_counts_weight_matrices_and_attention():
 
 def test_config_strings_become_options():
     assert bench.config_argv("n_layer=4 block_size=64") == ["--n_layer", "4", "--block_size", "64"]
+
+
+def test_sampling_rows_cover_the_cache_and_restore_the_kernels(capsys):
+    gpt = bench.load("gpt")
+    kernels = gpt.one_vector_kernels
+    rows = bench.bench_sampling(torch.device("cpu"), 2)
+    assert [r["stage"] for r in rows] == bench.STAGES + ["gpt", "gpt", "gpt"]
+    assert [r["cache"] for r in rows[-3:]] == ["without the cache", "with the cache", "with the cache, oneDNN on"]
+    assert all(r["tokens_per_sec"] > 0 for r in rows)
+    assert gpt.one_vector_kernels is kernels
+    assert "key/value cache speed-up at context 256" in capsys.readouterr().out
