@@ -469,6 +469,10 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
+# PyTorch's own kernel for a bfloat16 matrix times one vector arrived in version 2.6
+HAS_ONE_VECTOR_KERNEL = torch.__version__ >= (2, 6)
+
+
 @contextlib.contextmanager
 def one_vector_kernels(device, dtype_name):
     """NEW: a cached step multiplies every weight matrix by one vector, a job that is all
@@ -478,7 +482,7 @@ def one_vector_kernels(device, dtype_name):
     cached step only, and on again before anything else runs (tools/bench.py measures
     sampling both ways)."""
     before = torch.backends.mkldnn.enabled
-    if device.type == "cpu" and dtype_name == "bfloat16" and torch.__version__ >= (2, 6):
+    if device.type == "cpu" and dtype_name == "bfloat16" and HAS_ONE_VECTOR_KERNEL:
         torch.backends.mkldnn.enabled = False
     try:
         yield

@@ -10,10 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-STAGES = ["bigram", "single_attention", "multi_head_attn", "gpt"]
+from bench import CORPUS  # noqa: E402  (after the path is set)
+from report import STAGES  # noqa: E402
+
 ATTENTION_STAGES = STAGES[1:]
-REAL_CORPUS = [p for p in (ROOT.parent / "shared" / "data" / "input.txt", ROOT / "input.txt") if p.exists()]
+REAL_CORPUS = [p for p in CORPUS if p.exists()]
 
 # small enough that a whole run takes a fraction of a second
 TINY = ["--batch_size", "4", "--block_size", "16", "--max_iters", "20", "--eval_interval", "10",

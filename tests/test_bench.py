@@ -1,13 +1,6 @@
 """tools/bench.py's arithmetic (the timing itself is a benchmark, not a test)."""
-import importlib
-import sys
-
+import bench  # tools/, on the path from conftest
 import torch
-
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-bench = importlib.import_module("bench")
 
 
 def test_flops_per_token_counts_weight_matrices_and_attention():

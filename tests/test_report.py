@@ -1,12 +1,8 @@
 """tools/report.py on tiny runs made here: never the real corpus, never a long run."""
-import importlib
 import json
-import sys
 
+import report  # tools/, on the path from conftest
 from conftest import ROOT, STAGES, TINY, load_stage
-
-sys.path.insert(0, str(ROOT / "tools"))
-report = importlib.import_module("report")
 
 
 def test_report_rewrites_the_results_and_keeps_other_machines(tmp_path, corpus, monkeypatch):

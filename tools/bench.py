@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from report import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-STAGES = ["bigram", "single_attention", "multi_head_attn", "gpt"]
 NANOGPT_CPU = "n_layer=4 n_head=4 n_embd=128 block_size=64 batch_size=12 dropout=0.0"   # nanoGPT's README
 CORPUS = [ROOT.parent / "shared" / "data" / "input.txt", ROOT / "input.txt"]
 
