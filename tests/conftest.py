@@ -3,20 +3,22 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import CORPUS  # noqa: E402  (after the path is set)
-from report import STAGES  # noqa: E402
+from report import STAGES  # noqa: E402  (after the path is set)
 
 ATTENTION_STAGES = STAGES[1:]
-REAL_CORPUS = [p for p in CORPUS if p.exists()]
+# tiny Shakespeare, where it is: downloaded by a first run, or this workplace's shared copy
+REAL_CORPUS = [p for p in (ROOT / "input.txt", ROOT.parent / "shared" / "data" / "input.txt") if p.exists()]
 
 # small enough that a whole run takes a fraction of a second
 TINY = ["--batch_size", "4", "--block_size", "16", "--max_iters", "20", "--eval_interval", "10",
@@ -32,6 +34,13 @@ TINY_MODEL = {
 
 def load_stage(name):
     return importlib.import_module(name)
+
+
+def tiny_args(stage, *extra, device="cpu"):
+    """A stage's settled arguments for the tiny settings, as main() would make them."""
+    args = stage.parse_args(TINY + TINY_MODEL[stage.STAGE] + [str(a) for a in extra])
+    stage.configure(args, torch.device(device))
+    return args
 
 
 @pytest.fixture(params=STAGES)
@@ -75,6 +84,8 @@ class Runner:
             args = TINY + TINY_MODEL[module.STAGE] + args
         if "--out_dir" not in args:
             args += ["--out_dir", str(out_dir or self.tmp_path / "out" / module.STAGE)]
+        if "--device" not in args:                                 # the CPU, also where there is a GPU:
+            args += ["--device", "cpu"]                            # its kernels are deterministic
         self.capsys.readouterr()
         try:
             code = module.main(args)
@@ -95,3 +106,18 @@ def run(capsys, tmp_path):
 
 def ln(n):
     return math.log(n)
+
+
+def ctrl_c_during_step(stage, monkeypatch, step, presses=1):
+    """Press Ctrl-C (a real SIGINT to this process) while the training step that ends at `step`
+    is running: its batch is drawn, then the signal arrives."""
+    real, count = stage.get_batch, [0]
+
+    def get_batch(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "train":             # a training batch, not an estimate's
+            count[0] += 1
+            for _ in range(presses if count[0] == step else 0):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "get_batch", get_batch)

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ATTENTION_STAGES, TINY, TINY_MODEL, load_stage
+from conftest import ctrl_c_during_step, load_stage, tiny_args
 
 
 def tiny_model(stage, seed=0, **overrides):
-    args = stage.parse_args(TINY + TINY_MODEL[stage.STAGE])
-    stage.fill_defaults(args, torch.device("cpu"))
+    args = tiny_args(stage)
     for name, value in overrides.items():
         setattr(args, name, value)
     torch.manual_seed(seed)
@@ -64,8 +63,11 @@ def test_generating_past_the_context_length(attention_stage):
     model, args = tiny_model(attention_stage, temperature=1.0, top_k=None, top_p=1.0)
     idx = torch.zeros((1, 1), dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
-    new = list(attention_stage.generate(model, idx, 3 * args.block_size, args, torch.device("cpu"), generator))
-    assert len(new) == 3 * args.block_size and all(t.shape == (1, 1) for t in new)
+    seen = []
+    out = attention_stage.generate(model, idx, 3 * args.block_size, args, torch.device("cpu"), generator,
+                                   on_token=seen.append)
+    assert out.shape == (1, 1 + 3 * args.block_size) and all(t.shape == (1, 1) for t in seen)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 1:])
 
 
 # ---- gpt.py ----
@@ -77,9 +79,9 @@ def test_fused_attention_equals_the_explicit_one(monkeypatch):
     torch.manual_seed(0)
     layer = gpt.CausalSelfAttention(n_embd=16, n_head=4, block_size=12, dropout=0.0).eval()
     x = torch.randn(2, 10, 16)
-    monkeypatch.setattr(layer, "fused", True)
+    monkeypatch.setattr(gpt, "use_fused_attention", lambda x: True)
     fused = layer(x)
-    monkeypatch.setattr(layer, "fused", False)
+    monkeypatch.setattr(gpt, "use_fused_attention", lambda x: False)
     assert torch.allclose(fused, layer(x), atol=1e-6)
     # and it is multi_head_attn.py's layer, with its weights laid out side by side
     mha = load_stage("multi_head_attn").MultiHeadAttention(16, 4, 12)
@@ -103,8 +105,8 @@ def test_block_keeps_the_shape_and_its_residual_path():
 
 
 def test_full_configuration_parameter_count_and_weight_tying():
-    args = gpt.parse_args(["--preset", "full"])
-    gpt.fill_defaults(args, torch.device("cpu"))
+    args = gpt.parse_args(["--preset", "full", "--sample"])
+    gpt.configure(args, torch.device("cpu"))
     assert (args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size, args.dropout) == \
         (6, 6, 384, 256, 64, 0.2)
     model = gpt.make_model(65, args)
@@ -115,18 +117,19 @@ def test_full_configuration_parameter_count_and_weight_tying():
     assert n_params == 65 * 384 + 256 * 384 + 6 * per_block + 2 * 384 == 10_763_904
 
 
-def test_laptop_preset_without_a_gpu_and_options_given_win(capsys):
-    args = gpt.parse_args(["--n_layer", "3"])
-    gpt.fill_defaults(args, torch.device("cpu"))
+def test_laptop_preset_without_a_gpu_and_options_given_win(capsys, tmp_path):
+    args = gpt.parse_args(["--n_layer", "3", "--out_dir", str(tmp_path / "out")])
+    gpt.configure(args, torch.device("cpu"))
+    gpt.unlock(args.out_dir)
     assert "laptop preset" in capsys.readouterr().out
-    assert (args.n_layer, args.n_embd) == (3, gpt.LAPTOP_PRESET["n_embd"])
-    args = gpt.parse_args([])
-    gpt.fill_defaults(args, torch.device("cuda"))
-    assert args.n_embd == gpt.n_embd == 384
+    assert (args.n_layer, args.n_embd, args.preset) == (3, gpt.HYPERPARAMETERS["n_embd"][1], "laptop")
+    args = gpt.parse_args(["--sample"])
+    gpt.configure(args, torch.device("cuda"))
+    assert (args.n_embd, args.preset) == (gpt.HYPERPARAMETERS["n_embd"][0], "full") == (384, "full")
 
 
 def test_learning_rate_schedule():
-    args = argparse.Namespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
+    args = argparse.Namespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, planned_iters=1100)
     assert gpt.get_lr(0, args) == pytest.approx(1e-5)              # warmup starts small
     assert gpt.get_lr(49, args) == pytest.approx(5e-4)
     assert gpt.get_lr(99, args) == pytest.approx(1e-3)             # the peak
@@ -150,9 +153,9 @@ def test_key_value_cache_gives_the_same_tokens(temperature, top_k):
     runs = []
     for use_cache in (True, False):
         generator = torch.Generator().manual_seed(3)
-        runs.append(torch.cat(list(gpt.generate(model, prompt, 3 * args.block_size, args, torch.device("cpu"),
-                                                generator, use_cache=use_cache)), dim=1))
-    assert runs[0].shape == (2, 3 * args.block_size)
+        runs.append(gpt.generate(model, prompt, 3 * args.block_size, args, torch.device("cpu"), generator,
+                                 use_cache=use_cache))
+    assert runs[0].shape == (2, 5 + 3 * args.block_size)
     assert torch.equal(runs[0], runs[1])
 
 
@@ -164,9 +167,9 @@ def test_onednn_is_off_for_cached_bfloat16_steps_only(dtype, kernel, off, monkey
     seen = []                                                      # (positions in the call, oneDNN on)
     model.register_forward_hook(lambda module, inputs, output: seen.append(
         (inputs[0].shape[1], torch.backends.mkldnn.enabled)))
-    outside = [torch.backends.mkldnn.enabled for _ in gpt.generate(model, torch.zeros((1, 3), dtype=torch.long),
-                                                                    2 * args.block_size, args,
-                                                                    torch.device("cpu"), None)]
+    outside = []
+    gpt.generate(model, torch.zeros((1, 3), dtype=torch.long), 2 * args.block_size, args, torch.device("cpu"),
+                 None, on_token=lambda ids: outside.append(torch.backends.mkldnn.enabled))
     assert all(outside) and torch.backends.mkldnn.enabled         # the caller never sees it off
     assert {on for positions, on in seen if positions > 1} == {True}   # filling the cache: big products
     assert {on for positions, on in seen if positions == 1} == {not off}
@@ -185,6 +188,44 @@ def test_a_cached_bfloat16_step_computes_the_same_logits():
     assert not torch.allclose(step[:, 0].float(), whole[:, -2].float(), atol=0.05)
 
 
+def test_a_cached_step_of_several_positions_sees_the_right_past(monkeypatch):
+    """Cached positions come before the new ones: the causal mask must be shifted by them. The
+    fused kernel's is_causal would align it top-left instead; the written-out one would not fit."""
+    model, args = tiny_model(gpt)
+    x = torch.randint(20, (2, args.block_size))
+    for fused in (True, False):
+        monkeypatch.setattr(gpt, "use_fused_attention", lambda x: fused)
+        with torch.no_grad():
+            whole, _ = model(x)
+            caches = [{} for _ in model.blocks]
+            model(x[:, :5], caches=caches)
+            part, _ = model(x[:, 5:9], caches=caches)              # four new positions, five cached
+        assert torch.allclose(part, whole[:, 5:9], atol=1e-5), fused
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt"])
+def test_generate_leaves_the_caller_as_it_found_it(name):
+    stage = load_stage(name)
+    model, args = tiny_model(stage, dtype="bfloat16", temperature=1.0, top_k=None, top_p=1.0)
+    for mode in (True, False):
+        model.train(mode)
+        inside = []
+        stage.generate(model, torch.zeros((1, 1), dtype=torch.long), 5, args, torch.device("cpu"), None,
+                       on_token=lambda ids: inside.append(model.training))
+        assert model.training == mode and inside == [False] * 5   # eval mode inside, the caller's after
+        assert not torch.is_autocast_enabled("cpu")                # no bfloat16 left on
+        x = torch.randn(4, 4)
+        assert (x @ x).dtype == torch.float32
+
+    def stop_early(ids):
+        raise KeyboardInterrupt
+    model.train()
+    with pytest.raises(KeyboardInterrupt):
+        stage.generate(model, torch.zeros((1, 1), dtype=torch.long), 5, args, torch.device("cpu"), None,
+                       on_token=stop_early)
+    assert model.training and not torch.is_autocast_enabled("cpu")
+
+
 def test_gpu_options_on_a_cpu_fall_back_cleanly(run, corpus, monkeypatch):
     def no_compiler(model):
         raise RuntimeError("no compiler here")
@@ -199,19 +240,10 @@ def test_resume_with_compile_and_dropout_matches_an_unbroken_run(run, corpus, tm
     monkeypatch.setattr(torch, "compile", lambda model: model)    # the warm-up runs, without a compiler
     options = ["--data", corpus, "--max_iters", "30", "--compile", "--dropout", "0.1"]
     assert run(gpt, *options, out_dir=tmp_path / "whole")[0] == 0
-    real = gpt.get_batch
-    calls = []
-
-    def interrupt(*args):
-        if sys._getframe(1).f_code.co_name == "train":
-            calls.append(None)
-            if len(calls) == 18:
-                raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(gpt, "get_batch", interrupt)
-    assert run(gpt, *options, out_dir=tmp_path / "broken")[0] == 0
-    monkeypatch.setattr(gpt, "get_batch", real)
+    ctrl_c_during_step(gpt, monkeypatch, 18)
+    assert run(gpt, *options, out_dir=tmp_path / "broken")[0] == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "compile", lambda model: model)
     assert run(gpt, *options, "--resume", out_dir=tmp_path / "broken")[0] == 0
     assert run.metrics(gpt, tmp_path / "broken")["val_loss"] == run.metrics(gpt, tmp_path / "whole")["val_loss"]
 

@@ -22,7 +22,7 @@ def test_config_strings_become_options():
 def test_sampling_rows_cover_the_cache_and_restore_the_kernels(capsys):
     gpt = bench.load("gpt")
     kernels = gpt.one_vector_kernels
-    rows = bench.bench_sampling(torch.device("cpu"), 2)
+    rows = bench.bench_sampling(torch.device("cpu"), 2, 65)
     assert [r["stage"] for r in rows] == bench.STAGES + ["gpt", "gpt", "gpt"]
     assert [r["cache"] for r in rows[-3:]] == ["without the cache", "with the cache", "with the cache, oneDNN on"]
     assert all(r["tokens_per_sec"] > 0 for r in rows)

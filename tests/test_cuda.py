@@ -2,36 +2,52 @@
 import pytest
 import torch
 
-from conftest import load_stage
+from conftest import load_stage, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+CUDA = torch.device("cuda")
 
 
-def test_every_stage_trains_and_samples_on_cuda(stage, run, corpus, tmp_path):
-    code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--dtype", "auto")
+def test_every_stage_trains_resumes_and_samples_on_cuda(stage, run, corpus, tmp_path):
+    code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--dtype", "auto", "--max_iters", "10")
     assert code == 0, err
     metrics = run.metrics(stage)
-    assert metrics["device"] == "cuda"
+    assert metrics["device"] == "cuda" and metrics["dtype"] == "bfloat16"
+    code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--resume", "--max_iters", "20",
+                         tiny=False, out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 0, err
     code, out, err = run(stage, "--sample", "--device", "cuda", "--max_new_tokens", "20", tiny=False,
                          out_dir=tmp_path / "out" / stage.STAGE)
     assert code == 0, err
+    assert not torch.backends.cuda.matmul.allow_tf32               # main() put TF32 back as it was
 
 
-def test_cuda_attention_and_cache_agree():
+def test_fused_and_written_out_attention_agree_on_cuda(monkeypatch):
     gpt = load_stage("gpt")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # float32 products in float32
     torch.manual_seed(0)
     layer = gpt.CausalSelfAttention(n_embd=64, n_head=4, block_size=32, dropout=0.0).cuda().eval()
     x = torch.randn(2, 32, 64, device="cuda")
-    layer.fused = True
+    monkeypatch.setattr(gpt, "use_fused_attention", lambda x: True)
     fused = layer(x)
-    layer.fused = False
-    assert torch.allclose(fused, layer(x), atol=1e-4)
-    args = gpt.parse_args(["--n_embd", "32", "--n_head", "2", "--n_layer", "2", "--block_size", "16",
-                           "--dtype", "float32", "--temperature", "0"])
-    gpt.fill_defaults(args, torch.device("cuda"))
+    monkeypatch.setattr(gpt, "use_fused_attention", lambda x: False)
+    assert torch.allclose(fused, layer(x), atol=1e-5)
+
+
+def test_cache_gives_the_same_tokens_on_cuda(monkeypatch):
+    gpt = load_stage("gpt")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    args = tiny_args(gpt, "--temperature", "0", "--sample", device="cuda")
     model = gpt.make_model(20, args).cuda()
     prompt = torch.randint(20, (1, 3), device="cuda")
-    runs = [torch.cat(list(gpt.generate(model, prompt, 40, args, torch.device("cuda"),
-                                        torch.Generator(device="cuda").manual_seed(0), use_cache=c)), dim=1)
-            for c in (True, False)]
+    runs = [gpt.generate(model, prompt, 40, args, CUDA, torch.Generator(device="cuda").manual_seed(0),
+                         use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_temperature_too_small_for_float32_samples_on_cuda(stage, run, corpus, tmp_path):
+    """CUDA flushes float32 numbers below 1.2e-38 to zero: 1e-45 once made 0/0 = nan there."""
+    assert run(stage, "--data", corpus, "--device", "cuda")[0] == 0
+    code, _, err = run(stage, "--sample", "--device", "cuda", "--temperature", "1e-45", "--max_new_tokens", "5",
+                       tiny=False, out_dir=tmp_path / "out" / stage.STAGE)
+    assert code == 0, err

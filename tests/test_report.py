@@ -12,23 +12,23 @@ def test_report_rewrites_the_results_and_keeps_other_machines(tmp_path, corpus, 
     monkeypatch.setattr(report, "run_stage", in_process)
     readme, results, figure = tmp_path / "README.md", tmp_path / "results.json", tmp_path / "curves.png"
     readme.write_text(f"# Title\n\n{report.BEGIN}\nstale numbers\n{report.END}\n\nThe rest.\n")
-    gpu = {"stage": "gpt", "device": "cuda", "hardware": "Some GPU", "torch": "2.x", "params": 10_763_904,
+    gpu = {"stage": "gpt", "device": "cuda", "hardware": "Some GPU", "torch": "2.x", "dtype": "bfloat16", "params": 10_763_904,
            "iters": 5000, "batch_size": 64, "block_size": 256, "seconds": 80.0, "tokens_per_sec": 9e5,
-           "val_loss": 1.47, "val_bpc": 2.12, "sample": "ROMEO:\nhi\n", "log": [[0, 4.2, 4.2, 0.0]]}
-    results.write_text(json.dumps({"cuda: Some GPU": [gpu]}))
+           "val_loss": 1.47, "val_bpc": 2.12, "val_chars": 111_539, "sample": "ROMEO:\nhi\n", "log": [[0, 4.2, 4.2, 0.0]]}
+    results.write_text(json.dumps({"cuda: Some GPU, bfloat16": [gpu]}))
     argv = ["--data", str(corpus), "--out", str(tmp_path / "runs"), "--results", str(results),
             "--readme", str(readme), "--figure", str(figure), *TINY]
     assert report.main(argv) == 0
 
     saved = json.loads(results.read_text())
-    assert list(saved)[0] == "cuda: Some GPU" and len(saved) == 2
+    assert list(saved)[0] == "cuda: Some GPU, bfloat16" and len(saved) == 2
     cpu_runs = saved[list(saved)[1]]
     assert [m["stage"] for m in cpu_runs] == STAGES
     text = readme.read_text()
     assert text.startswith("# Title\n") and text.endswith("\nThe rest.\n") and "stale numbers" not in text
     for m in cpu_runs:
         assert f"| `{m['stage']}.py` |" in text and f"**{m['val_loss']:.3f}**" in text
-    assert "**Some GPU** (cuda" in text and "**1.470**" in text
+    assert "**Some GPU** (cuda, bfloat16" in text and "**1.470**" in text
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert report.main(["--render", "--results", str(results), "--readme", str(readme),

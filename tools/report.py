@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +44,15 @@ BEGIN, END = "<!-- results:begin (tools/report.py writes this part) -->", "<!-- 
 
 
 def run_stage(stage, argv, log_path):
-    """Run one stage's script as a learner would, its output kept in log_path."""
+    """Run one stage's script as a learner would, its output kept in log_path; the seconds
+    from start to exit, PyTorch's import included."""
+    start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         done = subprocess.run([sys.executable, f"{stage}.py", *argv], cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"report: {stage}.py failed (exit {done.returncode}); its output is in {log_path}")
+    return time.perf_counter() - start
 
 
 def collect(stage, out_dir):
@@ -59,8 +63,9 @@ def collect(stage, out_dir):
 
 
 def machine_key(runs):
+    """Rows are kept per machine and precision: a bfloat16 run never replaces a float32 one."""
     first = runs[0]
-    return f"{first['device']}: {first['hardware']}"
+    return f"{first['device']}: {first['hardware']}, {first['dtype']}" + (", compiled" if first.get("compile") else "")
 
 
 def fmt_time(seconds):
@@ -72,8 +77,9 @@ def render_markdown(results):
     lines = [BEGIN, ""]
     for key, runs in results.items():
         first = runs[0]
-        lines += [f"**{first['hardware']}** ({first['device']}, PyTorch {first['torch']}), "
-                  f"each script with its defaults, `python tools/report.py`:", "",
+        compiled = " --compile" if first.get("compile") else ""
+        lines += [f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}), "
+                  f"each script with its defaults{compiled}, `python tools/report.py{compiled}`:", "",
                   "| script | adds | parameters | steps | characters seen | time | tokens/s | "
                   "val loss (nats) | bits/char |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -82,9 +88,10 @@ def render_markdown(results):
             lines.append(f"| `{m['stage']}.py` | {ADDS[m['stage']]} | {m['params']:,} | {m['iters']:,} | "
                          f"{seen / 1e6:.1f} M | {fmt_time(m['seconds'])} | {m['tokens_per_sec']:,.0f} | "
                          f"**{m['val_loss']:.3f}** | {m['val_bpc']:.3f} |")
-        lines += ["", "Val loss is the exact loss over the whole validation split (111,539 characters) of the "
-                  "checkpoint with the best estimated validation loss; time is the whole run, start to exit. "
-                  "Samples, the first lines after a newline prompt:", ""]
+        scored = {f"{m['val_chars']:,}" for m in runs}
+        lines += ["", f"Val loss is the full validation loss ({' and '.join(sorted(scored))} characters, "
+                  "each scored once) of the checkpoint with the best estimated validation loss; time is "
+                  "the whole run, start to exit. Samples, the first lines after a newline prompt:", ""]
         for m in runs:
             sample = [line for line in m["sample"].strip("\n").splitlines() if line.strip()][:3]
             lines += [f"`{m['stage']}.py`:", "```", *sample, "```"]
@@ -165,9 +172,10 @@ def main(argv=None):
                 argv += QUICK + QUICK_MODEL[stage]
             out_dir.mkdir(parents=True, exist_ok=True)
             print(f"report: running {stage}.py {' '.join(argv + extra)}", flush=True)
-            run_stage(stage, argv + extra, out / f"{stage}.log")
+            seconds = run_stage(stage, argv + extra, out / f"{stage}.log")
             runs.append(collect(stage, out_dir))
-            print(f"report: {stage}.py: exact val loss {runs[-1]['val_loss']:.4f} in "
+            runs[-1]["seconds"] = seconds or runs[-1]["seconds"]
+            print(f"report: {stage}.py: full val loss {runs[-1]['val_loss']:.4f} in "
                   f"{fmt_time(runs[-1]['seconds'])}", flush=True)
         kept = {m["stage"]: m for m in results.get(machine_key(runs), [])}   # stages not rerun stay
         kept.update({m["stage"]: m for m in runs})

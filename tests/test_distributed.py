@@ -1,0 +1,102 @@
+"""gpt.py under torchrun: two CPU processes (gloo) train one model. Two launches serve every
+check: a run stopped by Ctrl-C, and its resumption to the end."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, TINY_MODEL, load_stage, make_text
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+gpt = load_stage("gpt")
+OPTIONS = TINY + TINY_MODEL["gpt"] + ["--device", "cpu", "--max_iters", "200", "--eval_interval", "100"]
+
+
+def torchrun(*argv):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "gpt.py", *map(str, argv)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    corpus, out_dir = folder / "tiny.txt", folder / "out"
+    corpus.write_text(make_text(), encoding="utf-8")
+    stopped = torchrun("--data", corpus, "--out_dir", out_dir, *OPTIONS)
+    seen = []
+    for line in stopped.stdout:                                    # Ctrl-C, as a terminal sends it:
+        seen.append(line)                                          # to torchrun and every process
+        if line.startswith("step 100:"):
+            os.killpg(stopped.pid, signal.SIGINT)
+            break
+    out, err = stopped.communicate(timeout=120)
+    files = sorted(p.name for p in out_dir.iterdir())
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    resumed = torchrun("--data", corpus, "--out_dir", out_dir, "--resume", *OPTIONS)
+    resumed_out, resumed_err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, resumed_err
+    return dict(corpus=corpus, out_dir=out_dir, stopped="".join(seen) + out, stopped_files=files,
+                stopped_step=last["step"], resumed=resumed_out)
+
+
+def test_ctrl_c_stops_every_process_at_one_step_and_rank_0_saves_once(two_processes):
+    step = two_processes["stopped_step"]
+    assert 100 < step < 200 and f"interrupted at step {step}" in two_processes["stopped"]
+    assert two_processes["stopped"].count("step 0:") == 1               # rank 0 alone prints
+    assert two_processes["stopped_files"] == ["ckpt.pt", "last.pt", "log.csv"]   # and writes, once
+
+
+def test_the_resumed_run_equals_one_process_that_sees_both_batches_as_one(two_processes):
+    """Each process draws batches from its own seed, seed + rank; averaging their gradients is
+    what one process does with both batches side by side."""
+    args = gpt.parse_args(OPTIONS + ["--sample"])
+    gpt.configure(args, torch.device("cpu"))
+    tokenizer, train_data, _ = gpt.load_text(str(two_processes["corpus"]))
+    torch.manual_seed(args.seed)
+    model = gpt.make_model(tokenizer.vocab_size, args)
+    optimizer = gpt.make_optimizer(model, args, torch.device("cpu"))
+    draws = [torch.Generator().manual_seed(args.seed + rank) for rank in (0, 1)]
+    for step in range(args.max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = gpt.get_lr(step, args)
+        batches = [gpt.get_batch(train_data, args, torch.device("cpu"), draw) for draw in draws]
+        _, loss = model(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+    saved = torch.load(two_processes["out_dir"] / "last.pt", weights_only=True)
+    assert saved["step"] == 200 and saved["world_size"] == 2 and len(saved["rng"]) == 2
+    for name, value in model.state_dict().items():
+        assert torch.allclose(saved["model"][name], value, atol=1e-5), name
+
+
+def test_the_checkpoints_are_single_process_ones(two_processes, run, tmp_path):
+    out_dir = two_processes["out_dir"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "last.pt", "log.csv", "metrics.json"]
+    assert run.metrics(gpt, out_dir)["world_size"] == 2
+    code, out, err = run(gpt, "--sample", "--max_new_tokens", "10", tiny=False, out_dir=out_dir)
+    assert code == 0 and len(out) == len("\n") + 10 + 1, err
+    code, _, err = run(gpt, "--data", two_processes["corpus"], "--resume", "--max_iters", "300", tiny=False,
+                       out_dir=out_dir)                            # one process: refused, in one line
+    assert code == 1 and err.count("\n") == 1 and "was trained by 2 processes" in err
+
+
+def test_only_rank_0_speaks_and_a_missing_backend_is_one_line(run, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert gpt.fail("the same mistake on every process") == 1
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, _, err = run(gpt, "--data", corpus, "--device", "cpu")   # WORLD_SIZE and the rest missing
+    assert code == 1 and err.startswith("gpt.py: error: torchrun: cannot join the other processes: ")
+    assert err.count("\n") == 1
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: False)
+    code, _, err = run(gpt, "--data", corpus, "--device", "cpu")
+    assert code == 1 and err == "gpt.py: error: torchrun: this PyTorch has no gloo backend (--device cpu)\n"
+    assert not torch.distributed.is_initialized()
