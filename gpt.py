@@ -27,25 +27,27 @@ from torch.nn import functional as F
 STAGE = "gpt"
 
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500.
-# NEW (d): two columns where they differ, (full, laptop). The full configuration, 10.8 M
-# parameters, is made for a GPU: on a 2-core CPU one of its steps takes about 10 s. Without
-# a GPU, gpt.py trains the laptop column, 0.8 M parameters, in about 5 minutes on 2 cores.
+# NEW (d): three columns where they differ: (full, laptop, laptop-float32). The full
+# configuration, 10.8 M parameters, is made for a GPU: on a 2-core CPU one of its steps takes
+# about 10 s. Without a GPU, gpt.py trains a 0.8 M-parameter model for about 5 minutes on 2
+# cores: the laptop column on CPUs that compute bfloat16 fast (AVX-512 BF16), else the
+# laptop-float32 column, which sees a quarter of the text in float32 at a higher rate.
 HYPERPARAMETERS = dict(
-    batch_size=(64, 32),        # independent sequences trained on in parallel
-    block_size=(256, 128),      # context length: 256 characters are a few lines of verse
-    max_iters=(2000, 3200),     # training steps; the best model is kept, so more is safe
-    eval_interval=(250, 400),   # steps between loss estimates
-    eval_iters=(50, 25),        # batches averaged in each estimate
-    learning_rate=(1e-3, 2e-3), # the peak, reached after warmup, then decayed
-    dtype="auto",               # bfloat16 where the hardware computes it fast, else float32
-    n_embd=(384, 128),          # width of the vectors that stand for characters and positions
-    n_head=(6, 4),              # heads of attention, each n_embd // n_head wide
-    n_layer=(6, 4),             # NEW (b): transformer blocks, one after the other
-    dropout=(0.2, 0.0),         # NEW (d): 10 M parameters memorise 1 M characters without it
-    weight_decay=0.1,           # NEW (e): AdamW's pull of the weight matrices towards zero
-    warmup_iters=100,           # NEW (e): steps of linear warmup, while Adam's statistics settle
-    min_lr=(1e-4, 2e-4),        # NEW (e): the learning rate that the cosine decay ends at
-    grad_clip=1.0,              # NEW (e): gradient norms above this are scaled down to it (0: off)
+    batch_size=(64, 32, 16),        # independent sequences trained on in parallel
+    block_size=(256, 128, 128),     # context length: 256 characters are a few lines of verse
+    max_iters=(2000, 2400, 1600),   # training steps; the best model is kept, so more is safe
+    eval_interval=(250, 400, 200),  # steps between loss estimates
+    eval_iters=(50, 25, 25),        # batches averaged in each estimate
+    learning_rate=(1e-3, 3e-3, 4e-3),  # the peak, reached after warmup, then decayed
+    dtype="auto",                   # bfloat16 where the hardware computes it fast, else float32
+    n_embd=(384, 128, 128),         # width of the vectors that stand for characters and positions
+    n_head=(6, 4, 4),               # heads of attention, each n_embd // n_head wide
+    n_layer=(6, 4, 4),              # NEW (b): transformer blocks, one after the other
+    dropout=(0.2, 0.0, 0.0),        # NEW (d): 10 M parameters memorise 1 M characters without it
+    weight_decay=0.1,               # NEW (e): AdamW's pull of the weight matrices towards zero
+    warmup_iters=100,               # NEW (e): steps of linear warmup while Adam's statistics settle
+    min_lr=(1e-4, 3e-4, 4e-4),      # NEW (e): the learning rate that the cosine decay ends at
+    grad_clip=1.0,                  # NEW (e): gradient norms above this are scaled down to it
 )
 
 
@@ -110,9 +112,8 @@ def estimate_loss(model, splits, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The model. First multi_head_attn.py's attention, its heads batched into one tensor; then the
-# lecture's steps, each marked where it starts: (a) feed-forward, (b) residual blocks, (c) layer
-# norm, (d) dropout (the scale-up is in the hyperparameters), (f) the key/value cache.
+# The model: multi_head_attn.py's attention, its heads batched into one tensor, then the
+# lecture's steps in its order, (a) to (d), each under its heading; (e) and (f) come after it.
 
 class CausalSelfAttention(nn.Module):
     """multi_head_attn.py's MultiHeadAttention, rewritten to compute the same thing faster: one
@@ -143,17 +144,21 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v                   # (B, nh, past + T, hs)
         past = k.shape[2] - T                               # positions before these T
         future = self.future[past:past + T, :past + T]      # (T, past + T)
-        dropout = self.attn_dropout.p if self.training else 0.0
-        if use_fused_attention(x):                          # speed only: the same y (below)
-            y = fused_attention(q, k, v, future, dropout)
-        else:                                               # multi_head_attn.py's Head, batched
-            q = q * k.shape[-1] ** -0.5                     # scaled first: fewer multiplications
-            scores = q @ k.transpose(-2, -1)                # (B, nh, T, past + T)
-            scores = scores.masked_fill(future, float("-inf"))
-            y = self.attn_dropout(F.softmax(scores, dim=-1)) @ v  # (B, nh, T, hs)
+        if use_fused_attention(q):                          # speed only: the same y (below)
+            y = fused_attention(q, k, v, future, self.attn_dropout.p if self.training else 0.0)
+        else:
+            y = self.attn_dropout(self.attention_weights(q, k, future)) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)              # heads side by side: (B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def attention_weights(self, q, k, future):
+        """multi_head_attn.py's Head.attention_weights for every head at once: (B, nh, T, hs)
+        queries and (B, nh, past + T, hs) keys -> (B, nh, T, past + T), rows summing to 1."""
+        scores = (q * k.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # q scaled first: less work
+        return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+# (a) feed-forward ------------------------------------------------------------------------------
 
 class FeedForward(nn.Module):
     """NEW (a): after the positions have talked to each other (attention), each one thinks
@@ -169,6 +174,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.dropout(self.proj(self.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> same
 
+
+# (b) blocks with residual connections, (c) layer norm ----------------------------------------
 
 class Block(nn.Module):
     """NEW (b): a transformer block: communication (attention), then computation (feed-forward).
@@ -189,6 +196,8 @@ class Block(nn.Module):
         x = x + self.feed_forward(self.ln2(x))              # (B, T, C)
         return x
 
+
+# (d) scale-up and dropout: the full column of the hyperparameters, and each Dropout marked (d)
 
 class GPT(nn.Module):
     """Embed characters and positions, n_layer blocks, a final layer norm, read out logits."""
@@ -283,6 +292,8 @@ def sample_next(logits, args, generator):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
+
+# (f) sampling with a key/value cache -----------------------------------------------------------
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, args, device, generator, on_token=None, use_cache=True):
@@ -384,7 +395,7 @@ RUN_FILES = ("ckpt.pt", "last.pt", "log.csv", "metrics.json")   # what a run wri
 LOG_FIELDS = ("step", "train_loss", "val_loss", "train_seconds")   # a row of log.csv
 TEMP_PREFIX = ".tmp-"                               # a file being written, not yet renamed
 MADE_HERE = {}                                      # out_dir: the folders made to lock it
-PRESETS = ("full", "laptop")        # the columns of gpt.py's hyperparameters; others have one
+PRESETS = ("full", "laptop", "laptop-float32")     # gpt.py's columns; the others have one
 HAS_PRESETS = any(isinstance(value, tuple) for value in HYPERPARAMETERS.values())
 SETTINGS = (*HYPERPARAMETERS, "preset", "seed")     # what a checkpoint's config holds
 
@@ -468,7 +479,8 @@ def parse_args(argv):
         help="cap on the characters that the full validation loss scores")
     if HAS_PRESETS:
         add("--preset", default=None, choices=PRESETS, help="which column of hyperparameters "
-            "(default: full on a CUDA GPU, laptop elsewhere)")
+            "(default: full on a CUDA GPU, else laptop where bfloat16 is fast, else "
+            "laptop-float32)")
     add("--compile", action="store_true", help="torch.compile the training steps (faster on a GPU "
         "in long runs; compiling takes a while)")
     add = parser.add_argument_group("sampling").add_argument
@@ -521,11 +533,12 @@ def configure(args, device):
         for name, value in saved.items():                   # its precision too, unless given
             if name not in args.given:
                 setattr(args, name, value)
-    elif HAS_PRESETS and args.preset is None:               # gpt.py: a column of presets
-        args.preset = "full" if device.type == "cuda" else "laptop"
-        if args.preset == "laptop" and training:
-            print("no CUDA GPU: training the laptop preset, about 5 minutes on 2 CPU cores (the "
-                  "full configuration takes about 10 s a step here: ask for it with --preset full)")
+    elif HAS_PRESETS and args.preset is None:               # gpt.py: a column, by the hardware
+        fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
+        args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
+        if training and args.preset != "full":
+            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+                  f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():
         if getattr(args, name) is None:
@@ -652,7 +665,8 @@ def join_processes(device):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not (torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+    available = getattr(torch.distributed, "is_backend_available", lambda name: True)   # 2.3 on
+    if not (torch.distributed.is_available() and available(backend)):
         raise CLIError(f"torchrun: this PyTorch has no {backend} backend (--device {device.type})")
     try:
         torch.distributed.init_process_group(backend)
@@ -674,12 +688,12 @@ def world_size():
 
 # ---- speed only: used by gpt.py, whose lesson marks each call ----
 
-def use_fused_attention(x):
+def use_fused_attention(q):
     """PyTorch's fused attention kernel, or the products written out? Both compute the same (a
-    test checks it). The fused kernel is faster on a GPU, and on a CPU without gradients; to
-    train on a CPU, the written-out products are faster (profiled on PyTorch 2.13: a training
-    step of the laptop preset in bfloat16 took half the time)."""
-    return x.device.type != "cpu" or not torch.is_grad_enabled()
+    test checks it). The fused kernel is faster on a GPU, and on a CPU but for one case: to
+    train in bfloat16 there, the written-out products are (profiled on PyTorch 2.13: a training
+    step of the laptop preset took half the time; in float32, the fused kernel's was 4% less)."""
+    return q.device.type != "cpu" or not torch.is_grad_enabled() or q.dtype != torch.bfloat16
 
 
 def fused_attention(q, k, v, future, dropout):

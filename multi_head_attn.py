@@ -275,7 +275,7 @@ RUN_FILES = ("ckpt.pt", "last.pt", "log.csv", "metrics.json")   # what a run wri
 LOG_FIELDS = ("step", "train_loss", "val_loss", "train_seconds")   # a row of log.csv
 TEMP_PREFIX = ".tmp-"                               # a file being written, not yet renamed
 MADE_HERE = {}                                      # out_dir: the folders made to lock it
-PRESETS = ("full", "laptop")        # the columns of gpt.py's hyperparameters; others have one
+PRESETS = ("full", "laptop", "laptop-float32")     # gpt.py's columns; the others have one
 HAS_PRESETS = any(isinstance(value, tuple) for value in HYPERPARAMETERS.values())
 SETTINGS = (*HYPERPARAMETERS, "preset", "seed")     # what a checkpoint's config holds
 
@@ -359,7 +359,8 @@ def parse_args(argv):
         help="cap on the characters that the full validation loss scores")
     if HAS_PRESETS:
         add("--preset", default=None, choices=PRESETS, help="which column of hyperparameters "
-            "(default: full on a CUDA GPU, laptop elsewhere)")
+            "(default: full on a CUDA GPU, else laptop where bfloat16 is fast, else "
+            "laptop-float32)")
     add("--compile", action="store_true", help="torch.compile the training steps (faster on a GPU "
         "in long runs; compiling takes a while)")
     add = parser.add_argument_group("sampling").add_argument
@@ -412,11 +413,12 @@ def configure(args, device):
         for name, value in saved.items():                   # its precision too, unless given
             if name not in args.given:
                 setattr(args, name, value)
-    elif HAS_PRESETS and args.preset is None:               # gpt.py: a column of presets
-        args.preset = "full" if device.type == "cuda" else "laptop"
-        if args.preset == "laptop" and training:
-            print("no CUDA GPU: training the laptop preset, about 5 minutes on 2 CPU cores (the "
-                  "full configuration takes about 10 s a step here: ask for it with --preset full)")
+    elif HAS_PRESETS and args.preset is None:               # gpt.py: a column, by the hardware
+        fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
+        args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
+        if training and args.preset != "full":
+            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+                  f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():
         if getattr(args, name) is None:
@@ -543,7 +545,8 @@ def join_processes(device):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not (torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+    available = getattr(torch.distributed, "is_backend_available", lambda name: True)   # 2.3 on
+    if not (torch.distributed.is_available() and available(backend)):
         raise CLIError(f"torchrun: this PyTorch has no {backend} backend (--device {device.type})")
     try:
         torch.distributed.init_process_group(backend)
@@ -565,12 +568,12 @@ def world_size():
 
 # ---- speed only: used by gpt.py, whose lesson marks each call ----
 
-def use_fused_attention(x):
+def use_fused_attention(q):
     """PyTorch's fused attention kernel, or the products written out? Both compute the same (a
-    test checks it). The fused kernel is faster on a GPU, and on a CPU without gradients; to
-    train on a CPU, the written-out products are faster (profiled on PyTorch 2.13: a training
-    step of the laptop preset in bfloat16 took half the time)."""
-    return x.device.type != "cpu" or not torch.is_grad_enabled()
+    test checks it). The fused kernel is faster on a GPU, and on a CPU but for one case: to
+    train in bfloat16 there, the written-out products are (profiled on PyTorch 2.13: a training
+    step of the laptop preset took half the time; in float32, the fused kernel's was 4% less)."""
+    return q.device.type != "cpu" or not torch.is_grad_enabled() or q.dtype != torch.bfloat16
 
 
 def fused_attention(q, k, v, future, dropout):

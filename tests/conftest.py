@@ -48,9 +48,24 @@ def stage(request):
     return load_stage(request.param)
 
 
+# The machinery below the fold is the same in all four scripts (tests/test_scaffolding.py checks
+# it), so a test of the machinery alone runs on the first stage and the last.
+ENDS = pytest.mark.parametrize("stage", ["bigram", "gpt"], indirect=True)
+
+
 @pytest.fixture(params=ATTENTION_STAGES)
 def attention_stage(request):
     return load_stage(request.param)
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matrix products on CUDA in full float32, as they were afterwards. Not monkeypatch:
+    torch.backends.cuda.matmul keeps the setting behind __setattr__, which pytest 9.2 cannot undo."""
+    matmul = torch.backends.cuda.matmul
+    before, matmul.allow_tf32 = matmul.allow_tf32, False
+    yield
+    matmul.allow_tf32 = before
 
 
 def make_text(n_lines=300):

@@ -117,12 +117,20 @@ def test_full_configuration_parameter_count_and_weight_tying():
     assert n_params == 65 * 384 + 256 * 384 + 6 * per_block + 2 * 384 == 10_763_904
 
 
-def test_laptop_preset_without_a_gpu_and_options_given_win(capsys, tmp_path):
-    args = gpt.parse_args(["--n_layer", "3", "--out_dir", str(tmp_path / "out")])
+@pytest.mark.parametrize("bf16, dtype, preset", [(True, None, "laptop"), (False, None, "laptop-float32"),
+                                                 (True, "float32", "laptop-float32")])
+def test_without_a_gpu_the_preset_follows_the_precision(bf16, dtype, preset, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    argv = ["--n_layer", "3", "--out_dir", str(tmp_path / "out")] + (["--dtype", dtype] if dtype else [])
+    args = gpt.parse_args(argv)
     gpt.configure(args, torch.device("cpu"))
     gpt.unlock(args.out_dir)
-    assert "laptop preset" in capsys.readouterr().out
-    assert (args.n_layer, args.n_embd, args.preset) == (3, gpt.HYPERPARAMETERS["n_embd"][1], "laptop")
+    column = gpt.PRESETS.index(preset)
+    assert f"training the {preset} preset" in capsys.readouterr().out      # said, and recorded
+    assert (args.preset, args.n_layer, args.max_iters) == (preset, 3, gpt.HYPERPARAMETERS["max_iters"][column])
+
+
+def test_a_gpu_takes_the_full_configuration(no_tf32):                 # configure() turns TF32 on
     args = gpt.parse_args(["--sample"])
     gpt.configure(args, torch.device("cuda"))
     assert (args.n_embd, args.preset) == (gpt.HYPERPARAMETERS["n_embd"][0], "full") == (384, "full")
@@ -136,6 +144,19 @@ def test_learning_rate_schedule():
     assert gpt.get_lr(600, args) == pytest.approx(5.5e-4)          # half way down the cosine
     assert gpt.get_lr(1100, args) == pytest.approx(1e-4)           # the floor
     assert gpt.get_lr(5000, args) == pytest.approx(1e-4)
+
+
+def test_resuming_with_more_steps_runs_the_extra_ones_at_min_lr(run, corpus, tmp_path, monkeypatch):
+    """The schedule keeps the length the run was started with: no jump back up from min_lr."""
+    assert run(gpt, "--data", corpus)[0] == 0                      # 20 steps, its cosine ends at min_lr
+    rates, real = [], gpt.get_lr
+    monkeypatch.setattr(gpt, "get_lr", lambda step, args: rates.append((step, real(step, args))) or rates[-1][1])
+    code, _, err = run(gpt, "--data", corpus, "--resume", "--max_iters", "30", tiny=False,
+                       out_dir=tmp_path / "out" / "gpt")
+    assert code == 0, err
+    min_lr = gpt.HYPERPARAMETERS["min_lr"][gpt.PRESETS.index("laptop")]
+    assert sorted({step for step, _ in rates}) == list(range(20, 30))   # (once per group of weights)
+    assert all(lr == pytest.approx(min_lr) for _, lr in rates)
 
 
 def test_weight_decay_only_on_matrices():

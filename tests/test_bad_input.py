@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from conftest import STAGES, load_stage, make_text
+from conftest import ENDS, STAGES, load_stage, make_text
 
 
 def assert_one_line_error(code, err, *fragments):
@@ -17,6 +17,7 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@ENDS
 @pytest.mark.parametrize("content, fragments", [
     (None, ["not found"]),
     (b"", ["is empty"]),
@@ -33,11 +34,13 @@ def test_bad_data_files(stage, run, tmp_path, content, fragments):
     assert_one_line_error(code, err, *fragments)
 
 
+@ENDS
 def test_unreadable_data_file(stage, run, tmp_path):
     code, _, err = run(stage, "--data", tmp_path)                  # a folder, not a file
     assert_one_line_error(code, err, "cannot read data file")
 
 
+@ENDS
 @pytest.mark.parametrize("option, value, fragment", [
     ("--batch_size", "0", "--batch_size must be at least 1"),
     ("--block_size", "-3", "--block_size must be at least 1"),
@@ -71,6 +74,7 @@ def test_impossible_model_settings(run, corpus, name, option, value, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@ENDS
 def test_unknown_option_and_bad_number_are_one_line_usage_errors(stage, run, corpus):
     code, _, err = run(stage, "--data", corpus, "--max_iter", "5")         # no abbreviations
     assert code == 2 and err.count("\n") == 1 and "unrecognized arguments: --max_iter" in err
@@ -78,6 +82,7 @@ def test_unknown_option_and_bad_number_are_one_line_usage_errors(stage, run, cor
     assert code == 2 and err.count("\n") == 1 and "invalid int value: 'many'" in err
 
 
+@ENDS
 def test_bad_prompt_is_refused_before_training(stage, run, corpus, tmp_path):
     for prompt, fragment in (("€", "not in the model's vocabulary"), ("", "at least one character"),
                              ("\udcff", "not in the model's vocabulary")):   # a byte that was not UTF-8
@@ -93,24 +98,28 @@ def test_extreme_sampling_settings_still_sample(stage, run, corpus, tmp_path):
     assert code == 0, err
 
 
+@ENDS
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_missing_device(stage, run, corpus):
     code, _, err = run(stage, "--data", corpus, "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda", "no CUDA GPU")
 
 
+@ENDS
 def test_prompt_with_unknown_characters(stage, run, corpus, tmp_path):
     assert run(stage, "--data", corpus)[0] == 0
     code, _, err = run(stage, "--sample", "--prompt", "Zebra€", tiny=False, out_dir=tmp_path / "out" / stage.STAGE)
     assert_one_line_error(code, err, "not in the model's vocabulary", "'Zb€'")
 
 
+@ENDS
 def test_sample_or_evaluate_without_checkpoint(stage, run, tmp_path, corpus):
     for action in (["--sample"], ["--evaluate", str(corpus)]):
         code, _, err = run(stage, *action, tiny=False, out_dir=tmp_path / "nothing")
         assert_one_line_error(code, err, "no checkpoint at", "train first")
 
 
+@ENDS
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
 def test_damaged_or_foreign_checkpoint(stage, run, tmp_path, corpus, damage):
     out_dir = tmp_path / "out" / stage.STAGE
@@ -135,6 +144,7 @@ def test_checkpoint_of_another_stage(run, tmp_path, corpus):
     assert_one_line_error(code, err, "written by bigram.py, not gpt.py")
 
 
+@ENDS
 def test_failures_never_touch_a_good_checkpoint(stage, run, tmp_path, corpus):
     out_dir = tmp_path / "out" / stage.STAGE
     assert run(stage, "--data", corpus)[0] == 0
@@ -148,6 +158,7 @@ def test_failures_never_touch_a_good_checkpoint(stage, run, tmp_path, corpus):
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
 
 
+@ENDS
 def test_evaluate_names_unknown_characters_or_skips_them(stage, run, tmp_path, corpus):
     assert run(stage, "--data", corpus)[0] == 0
     out_dir = tmp_path / "out" / stage.STAGE
@@ -225,6 +236,7 @@ def test_failed_download_leaves_nothing_behind(run, tmp_path, served, monkeypatc
     assert list(work.iterdir()) == []
 
 
+@ENDS
 def test_unwritable_out_dir(stage, run, corpus, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

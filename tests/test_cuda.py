@@ -8,7 +8,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 CUDA = torch.device("cuda")
 
 
-def test_every_stage_trains_resumes_and_samples_on_cuda(stage, run, corpus, tmp_path):
+def test_every_stage_trains_resumes_and_samples_on_cuda(stage, run, corpus, tmp_path, no_tf32):
     code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--dtype", "auto", "--max_iters", "10")
     assert code == 0, err
     metrics = run.metrics(stage)
@@ -22,9 +22,8 @@ def test_every_stage_trains_resumes_and_samples_on_cuda(stage, run, corpus, tmp_
     assert not torch.backends.cuda.matmul.allow_tf32               # main() put TF32 back as it was
 
 
-def test_fused_and_written_out_attention_agree_on_cuda(monkeypatch):
+def test_fused_and_written_out_attention_agree_on_cuda(monkeypatch, no_tf32):
     gpt = load_stage("gpt")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # float32 products in float32
     torch.manual_seed(0)
     layer = gpt.CausalSelfAttention(n_embd=64, n_head=4, block_size=32, dropout=0.0).cuda().eval()
     x = torch.randn(2, 32, 64, device="cuda")
@@ -34,9 +33,8 @@ def test_fused_and_written_out_attention_agree_on_cuda(monkeypatch):
     assert torch.allclose(fused, layer(x), atol=1e-5)
 
 
-def test_cache_gives_the_same_tokens_on_cuda(monkeypatch):
+def test_cache_gives_the_same_tokens_on_cuda(no_tf32):
     gpt = load_stage("gpt")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     args = tiny_args(gpt, "--temperature", "0", "--sample", device="cuda")
     model = gpt.make_model(20, args).cuda()
     prompt = torch.randint(20, (1, 3), device="cuda")

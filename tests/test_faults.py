@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import load_stage
+from conftest import ENDS, load_stage
 from test_bad_input import assert_one_line_error
 
 gpt = load_stage("gpt")
@@ -20,6 +20,7 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+@ENDS
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_earlier_checkpoint_survives(stage, corpus, run,
                                                                                         tmp_path, monkeypatch):
     out_dir = tmp_path / "out" / stage.STAGE
@@ -57,6 +58,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_earlier_checkpoint_su
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
+@ENDS
 def test_a_read_only_out_dir_is_found_before_training(stage, corpus, run, tmp_path, monkeypatch):
     out_dir = tmp_path / "out" / stage.STAGE
     assert run(stage, "--data", corpus, "--max_iters", "10")[0] == 0
@@ -76,6 +78,7 @@ def test_a_read_only_out_dir_is_found_before_training(stage, corpus, run, tmp_pa
     assert steps == [] and snapshot(out_dir) == before
 
 
+@ENDS
 def test_leftovers_of_a_killed_run_are_tidied_and_nothing_else(stage, corpus, run, tmp_path):
     out_dir = tmp_path / "out" / stage.STAGE
     out_dir.mkdir(parents=True)
@@ -88,6 +91,7 @@ def test_leftovers_of_a_killed_run_are_tidied_and_nothing_else(stage, corpus, ru
                                                           "metrics.json", "notes.txt"]
 
 
+@ENDS
 def test_a_second_run_into_a_folder_in_use_is_refused(stage, corpus, run, tmp_path):
     out_dir = tmp_path / "out" / stage.STAGE
     assert run(stage, "--data", corpus)[0] == 0
@@ -200,6 +204,7 @@ def test_checkpoints_that_load_but_are_wrong_are_refused_in_one_line(how, corpus
         assert_one_line_error(code, err, f"{out_dir / 'ckpt.pt'} is damaged")
 
 
+@ENDS
 def test_a_text_without_newlines_asks_for_a_prompt(stage, run, tmp_path):
     text = tmp_path / "one_line.txt"
     text.write_text("to be or not to be " * 40, encoding="utf-8")
@@ -235,6 +240,7 @@ def test_a_resumed_run_keeps_its_seed_and_its_preset(corpus, run, tmp_path, monk
         assert_one_line_error(code, err, f"{option[0]} {option[1]} differs from the resumed run's")
 
 
+@ENDS
 def test_a_ctrl_c_before_the_second_evaluation_warns_of_nothing(stage, corpus, run, monkeypatch):
     from conftest import ctrl_c_during_step
     ctrl_c_during_step(stage, monkeypatch, 3)
@@ -242,6 +248,7 @@ def test_a_ctrl_c_before_the_second_evaluation_warns_of_nothing(stage, corpus, r
     assert code == 130 and "warning" not in out and run.metrics(stage)["warning"] is None
 
 
+@ENDS
 def test_resuming_below_the_saved_step_is_refused(stage, corpus, run, tmp_path):
     assert run(stage, "--data", corpus)[0] == 0
     code, _, err = run(stage, "--data", corpus, "--resume", "--max_iters", "10", tiny=False,
@@ -259,6 +266,7 @@ def test_sizes_and_rates_too_large_for_the_machine_are_one_line(option, value, f
     assert_one_line_error(code, err, fragment)
 
 
+@ENDS
 @pytest.mark.parametrize("where", ["lock", "set_aside"])
 def test_a_disk_that_fills_while_claiming_or_moving_is_one_line(where, stage, corpus, run, tmp_path,
                                                                 monkeypatch):

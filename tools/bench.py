@@ -150,16 +150,16 @@ def bench_training(device, configs, steps, data, vocab_size, repeats):
     return dict(peaks_gflops=peaks, repeats=repeats, training=rows)
 
 
-def bench_sampling(device, new_tokens, vocab_size):
+def bench_sampling(device, new_tokens, vocab_size, precision=()):
     """New tokens per second from a freshly initialised model (speed does not depend on its weights).
     gpt.py's full configuration also runs without the key/value cache, and with the cache but
     without one_vector_kernels (oneDNN kept on for the one-vector products), to show what each buys."""
     rows = []
     for stage in STAGES:
-        module, args = resolved_args(stage, [], device)
+        module, args = resolved_args(stage, list(precision), device)
         rows.append(dict(stage=stage, config="defaults", cache=None,
                          tokens_per_sec=time_generation(module, args, device, new_tokens, vocab_size)))
-    module, args = resolved_args("gpt", ["--preset", "full"], device)   # context 256
+    module, args = resolved_args("gpt", ["--preset", "full", *precision], device)   # context 256
     for label, use_cache in (("without the cache", False), ("with the cache", True)):
         rows.append(dict(stage="gpt", config="full (context 256)", cache=label,
                          tokens_per_sec=time_generation(module, args, device, new_tokens, vocab_size,
@@ -230,6 +230,8 @@ def main(argv=None):
                         help="text to train on (default input.txt, which python bigram.py downloads)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration, interleaved; "
                         "the best counts")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="the precision of every run (default: each script's own choice, auto)")
     parser.add_argument("--json", type=Path, default=ROOT / "out" / "bench.json")
     args = parser.parse_args(argv)
     if not Path(args.data).exists():
@@ -241,11 +243,12 @@ def main(argv=None):
     if args.corpus:
         report["corpus"] = bench_corpus(args.data)
     else:
-        configs = [(stage, "defaults", []) for stage in STAGES]
-        configs += [("gpt", config, config_argv(config)) for config in [NANOGPT_CPU] + args.config]
+        precision = ["--dtype", args.dtype] if args.dtype else []
+        configs = [(stage, "defaults", precision) for stage in STAGES]
+        configs += [("gpt", config, config_argv(config) + precision) for config in [NANOGPT_CPU] + args.config]
         vocab_size = load("bigram").load_text(args.data)[0].vocab_size
         report.update(bench_training(device, configs, args.steps, args.data, vocab_size, args.repeats))
-        report["sampling"] = bench_sampling(device, args.new_tokens, vocab_size)
+        report["sampling"] = bench_sampling(device, args.new_tokens, vocab_size, precision)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     print(f"bench: wrote {args.json}")

@@ -25,7 +25,7 @@ ADDS = {
     "bigram": "a table: next character from the current one",
     "single_attention": "embeddings + one causal self-attention head",
     "multi_head_attn": "several heads side by side",
-    "gpt": "feed-forward, residual blocks, layer norm, dropout, GPT-2 details",
+    "gpt": "feed-forward, residual blocks, layer norm, dropout, the GPT-2/3 recipe",
 }
 QUICK = ["--max_iters", "40", "--eval_interval", "20", "--eval_iters", "4", "--batch_size", "8",
          "--block_size", "32", "--max_new_tokens", "120"]
@@ -77,9 +77,9 @@ def render_markdown(results):
     lines = [BEGIN, ""]
     for key, runs in results.items():
         first = runs[0]
-        compiled = " --compile" if first.get("compile") else ""
+        command = first.get("report_command", "python tools/report.py")
         lines += [f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}), "
-                  f"each script with its defaults{compiled}, `python tools/report.py{compiled}`:", "",
+                  f"each script with its defaults, `{command}`:", "",
                   "| script | adds | parameters | steps | characters seen | time | tokens/s | "
                   "val loss (nats) | bits/char |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -123,7 +123,7 @@ def draw(results, path):
             steps = [row[0] for row in m["log"]]
             seconds = [max(row[3], 0.1) for row in m["log"]]
             val = [row[2] for row in m["log"]]
-            label = f"{m['stage']}.py ({m['device']})"
+            label = f"{m['stage']}.py ({m['device']}, {m['dtype']})"
             axes[0].plot(seconds, val, style, color=colors[m["stage"]], label=label)
             axes[1].plot(steps, val, style, color=colors[m["stage"]], label=label)
     for ax in axes:
@@ -175,6 +175,7 @@ def main(argv=None):
             seconds = run_stage(stage, argv + extra, out / f"{stage}.log")
             runs.append(collect(stage, out_dir))
             runs[-1]["seconds"] = seconds or runs[-1]["seconds"]
+            runs[-1]["report_command"] = " ".join(["python tools/report.py", *extra])
             print(f"report: {stage}.py: full val loss {runs[-1]['val_loss']:.4f} in "
                   f"{fmt_time(runs[-1]['seconds'])}", flush=True)
         kept = {m["stage"]: m for m in results.get(machine_key(runs), [])}   # stages not rerun stay
