@@ -2,7 +2,7 @@
 
 The model predicts the next character from the current one alone, by looking it up in
 a table: the baseline every later stage must beat. Full validation loss on tiny
-Shakespeare: about 2.48 nats per character. Each later stage is this file plus one
+Shakespeare: about 2.49 nats per character. Each later stage is this file plus one
 idea, so `diff bigram.py single_attention.py` shows that idea and nothing else.
 
     python bigram.py               train, report the loss, sample (--sample: only sample; --help)
@@ -364,7 +364,7 @@ def configure(args, device):
         fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
         args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
         if training and args.preset != "full":
-            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+            print(f"no CUDA GPU: the {args.preset} preset, at most about 5 minutes on 2 CPU cores "
                   f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():

@@ -3,9 +3,10 @@
 multi_head_attn.py plus what turns attention into a GPT, in the lecture's order: (a) a
 feed-forward layer, (b) blocks with residual connections, (c) layer norm, (d) a bigger
 model with dropout; then (e) the training recipe of GPT-2 and GPT-3 and (f) sampling
-with a key/value cache. Full validation loss on tiny Shakespeare: about 1.47 nats per
-character on a GPU, 1.54 from a laptop's CPU in 5 minutes (multi_head_attn.py: 2.05).
-The rest is multi_head_attn.py, line for line.
+with a key/value cache. Full validation loss on tiny Shakespeare: about 1.45 nats per
+character on a GPU (multi_head_attn.py: 2.05); without one, on 2 CPU cores, about 1.53 in
+5 minutes where bfloat16 is fast, else 1.67 in 3 to 5 minutes in float32. The rest is
+multi_head_attn.py, line for line.
 
     python gpt.py                  train, report the loss, sample (--sample: only sample; --help)
 
@@ -29,9 +30,9 @@ STAGE = "gpt"
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500.
 # NEW (d): three columns where they differ: (full, laptop, laptop-float32). The full
 # configuration, 10.8 M parameters, is made for a GPU: on a 2-core CPU one of its steps takes
-# about 10 s. Without a GPU, gpt.py trains a 0.8 M-parameter model for about 5 minutes on 2
-# cores: the laptop column on CPUs that compute bfloat16 fast (AVX-512 BF16), else the
-# laptop-float32 column, which sees a quarter of the text in float32 at a higher rate.
+# about 10 s. Without a GPU, gpt.py trains a 0.8 M-parameter model for at most about 5
+# minutes on 2 cores: the laptop column on CPUs that compute bfloat16 fast (AVX-512 BF16),
+# else the laptop-float32 column, which sees a third of the text in float32 at a higher rate.
 HYPERPARAMETERS = dict(
     batch_size=(64, 32, 16),        # independent sequences trained on in parallel
     block_size=(256, 128, 128),     # context length: 256 characters are a few lines of verse
@@ -537,7 +538,7 @@ def configure(args, device):
         fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
         args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
         if training and args.preset != "full":
-            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+            print(f"no CUDA GPU: the {args.preset} preset, at most about 5 minutes on 2 CPU cores "
                   f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():

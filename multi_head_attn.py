@@ -2,7 +2,7 @@
 
 single_attention.py with several narrow heads of attention side by side instead of one
 wide one, their outputs joined and projected back to the model's width. Full validation
-loss on tiny Shakespeare: about 2.05 nats per character (one head: 2.30). The rest is
+loss on tiny Shakespeare: about 2.05 nats per character (one head: 2.31). The rest is
 single_attention.py, line for line.
 
     python multi_head_attn.py      train, report the loss, sample (--sample: only sample; --help)
@@ -417,7 +417,7 @@ def configure(args, device):
         fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
         args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
         if training and args.preset != "full":
-            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+            print(f"no CUDA GPU: the {args.preset} preset, at most about 5 minutes on 2 CPU cores "
                   f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():

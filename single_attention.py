@@ -3,7 +3,7 @@
 bigram.py plus attention: characters become vectors, each position gets a learned
 position vector, and one head of self-attention lets every position gather what it
 needs from the positions before it. Full validation loss on tiny Shakespeare: about
-2.30 nats per character (bigram.py: 2.48). The rest is bigram.py, line for line.
+2.31 nats per character (bigram.py: 2.49). The rest is bigram.py, line for line.
 
     python single_attention.py     train, report the loss, sample (--sample: only sample; --help)
 
@@ -400,7 +400,7 @@ def configure(args, device):
         fast = pick_dtype(args.dtype or HYPERPARAMETERS["dtype"], device) == "bfloat16"
         args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
         if training and args.preset != "full":
-            print(f"no CUDA GPU: training the {args.preset} preset, about 5 minutes on 2 CPU cores "
+            print(f"no CUDA GPU: the {args.preset} preset, at most about 5 minutes on 2 CPU cores "
                   f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():

@@ -40,3 +40,17 @@ def test_readme_results_are_the_recorded_ones():
     results = json.loads((ROOT / "docs" / "results.json").read_text())
     readme = (ROOT / "README.md").read_text()
     assert report.render_markdown(results) in readme
+
+
+def test_precisions_and_commands_of_one_machine_are_kept_apart():
+    row = {"stage": "gpt", "device": "cpu", "hardware": "Some CPU", "torch": "2.x", "params": 1, "iters": 1,
+           "batch_size": 1, "block_size": 1, "seconds": 1.0, "tokens_per_sec": 1.0, "val_loss": 1.5,
+           "val_bpc": 2.2, "val_chars": 10, "sample": "hi\n"}
+    float32, bfloat16 = dict(row, dtype="float32"), dict(row, dtype="bfloat16", val_loss=1.4)
+    assert report.machine_key([float32]) != report.machine_key([bfloat16])
+    text = report.render_markdown({report.machine_key([r]): [r] for r in (float32, bfloat16)})
+    assert "(cpu, float32," in text and "(cpu, bfloat16," in text and "**1.500**" in text and "**1.400**" in text
+    mixed = [dict(float32, report_command="python tools/report.py"),
+             dict(float32, stage="bigram", report_command="python tools/report.py --max_iters 9")]
+    text = report.render_markdown({"cpu": mixed})
+    assert "the commands below the table" in text and "- `bigram.py`: `python tools/report.py --max_iters 9`" in text

@@ -1,7 +1,8 @@
 """Pictures of what attention learned: every head's attention weights for a prompt.
 
-    python tools/attention.py --stage gpt --prompt "ROMEO:\nWhat light"
+    python tools/attention.py --stage gpt              its default prompt: "ROMEO:", a new line, "What light"
     python tools/attention.py --stage single_attention --prompt "First Citizen:"
+    python tools/attention.py --stage gpt --prompt $'KING:\\nMy lord'     (bash's $'...' makes \\n a new line)
 
 It loads the stage's trained checkpoint (out/<stage>/ckpt.pt, or --out_dir) and draws one
 panel per head, one row per layer for gpt.py, into docs/attention_<stage>.png (or --output).

@@ -38,8 +38,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def matmul_peak(device, dtype, tries=3):
     """GFLOP/s of a large square matrix product, the best of a few one-second tries:
-    the most this machine does in `dtype`."""
-    return max(matmul_speed(device, dtype) for _ in range(tries))
+    the most this machine does in `dtype`. On CUDA the float32 peak is TF32's, as the
+    scripts train with TF32 matrix products there."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+    try:
+        return max(matmul_speed(device, dtype) for _ in range(tries))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def matmul_speed(device, dtype, seconds=1.0):
@@ -58,8 +64,8 @@ def matmul_speed(device, dtype, seconds=1.0):
 
 
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 def load(stage):
@@ -101,10 +107,12 @@ def time_training(stage, argv, data, device, steps):
         command = [sys.executable, f"{stage}.py", "--data", str(data), "--out_dir", out_dir, "--device",
                    device.type, "--max_iters", str(steps), "--eval_interval", str(steps), "--eval_iters", "1",
                    "--max_eval_chars", "1000", "--max_new_tokens", "0", *argv]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
-        if status != 0:
-            sys.exit(f"bench: {' '.join(command)} failed:\n{process.stderr.read().decode()}")
+        with tempfile.TemporaryFile() as errors:                    # a file: a pipe could fill and block
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
+            _, status, usage = os.wait4(process.pid, 0)
+            if status != 0:
+                errors.seek(0)
+                sys.exit(f"bench: {' '.join(command)} failed:\n{errors.read().decode()[-2000:]}")
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
     metrics["peak_rss_mb"] = max_rss_mb(usage)
     return metrics
@@ -207,6 +215,8 @@ def bench_corpus(source):
                 if line.startswith("step 0:") and first_step is None:
                     first_step = time.perf_counter() - start
             _, status, usage = os.wait4(process.pid, 0)
+            if status != 0 or first_step is None:
+                sys.exit(f"bench: {' '.join(command)} failed (exit status {status})")
             rows.append(dict(megabytes=path.stat().st_size / 1e6, launch_to_first_step_s=first_step,
                              whole_run_s=time.perf_counter() - start, peak_rss_mb=max_rss_mb(usage),
                              load_s=load_seconds(path)))

@@ -3,8 +3,9 @@
     python tools/ladder.py               six rungs on the CPU in float32 (about 8 minutes on
                                          2 cores with AVX-512), then rewrite README.md's ladder table,
                                          docs/ladder.json and docs/ladder.png
-    python tools/ladder.py --max_iters 5 --out_dir /tmp/ladder --readme /tmp/README.md ...
-                                         the same, tiny, anywhere
+    python tools/ladder.py --max_iters 5 --out_dir /tmp/ladder --readme /tmp/README.md \
+        --results /tmp/ladder.json --figure /tmp/ladder.png
+                                         the same, tiny, leaving the repository's files alone
 
 Every rung trains with one budget: the same steps, batch, context, seed and precision, so
 that they compare. Each is built from gpt.py's own classes (CausalSelfAttention, FeedForward,
@@ -12,12 +13,17 @@ Block, GPT) and trained by gpt.py's own main(); a rung swaps pieces in here, nev
 in gpt.py. The rungs follow the lecture: multi_head_attn.py; a feed-forward layer after the
 attention; blocks with residual connections; layer norm; a bigger model with dropout; and
 then GPT-2's and GPT-3's training recipe (initialisation, weight tying, AdamW's groups,
-warmup and cosine decay, clipping), which the lecture does not use.
+warmup and cosine decay, clipping), which the lecture does not use. Options it does not know
+(--max_iters, --device, --dtype, ...) go to every rung, so they must be ones that
+multi_head_attn.py knows too. The rungs' checkpoints, in --out_dir, hold models that gpt.py
+itself does not build: gpt.py --sample refuses them.
 """
 import argparse
 import contextlib
 import io
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -97,7 +103,8 @@ def block_with_norms(args):
 # its options, and the pieces swapped into gpt.py: make_model, make_optimizer, get_lr
 RUNGS = [
     ("multi_head_attn.py", "4 heads of attention, joined by a projection", 2.28, multi_head_attn, SMALL, None),
-    ("+ feed-forward", "a feed-forward layer after the attention", 2.24, gpt, SMALL + ["--n_layer", "1"] + PLAIN,
+    ("+ feed-forward", "a feed-forward layer after the attention (gpt.py's: 4x wide, GELU; the lecture's "
+     "was 1x wide, ReLU)", 2.24, gpt, SMALL + ["--n_layer", "1"] + PLAIN,
      (lambda v, a: Rung(v, a, FeedForwardAfterAttention, False), plain_optimizer, constant_lr)),
     ("+ residual blocks", "4 blocks, each part added to a residual stream", 2.08, gpt,
      SMALL + ["--n_layer", "4"] + PLAIN, (lambda v, a: Rung(v, a, ResidualBlock, False), plain_optimizer, constant_lr)),
@@ -105,8 +112,8 @@ RUNGS = [
      (lambda v, a: Rung(v, a, block_with_norms, True), plain_optimizer, constant_lr)),
     ("+ width and dropout", "width 192 and 6 heads, dropout 0.1", 1.48, gpt, LARGE + ["--n_layer", "4"] + PLAIN,
      (lambda v, a: Rung(v, a, block_with_norms, True), plain_optimizer, constant_lr)),
-    ("+ training recipe", "GPT-2 initialisation, weight tying, AdamW groups, clipping, warmup and cosine "
-     "decay from a 3x higher peak rate", None, gpt,
+    ("+ training recipe", "GPT-2 initialisation, weight tying, AdamW groups (decay 0.1 on matrices only, "
+     "beta2 0.99), clipping, warmup and cosine decay from a 3x higher peak rate", None, gpt,
      LARGE + ["--n_layer", "4", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--grad_clip", "1.0",
               "--weight_decay", "0.1"], None),                # gpt.py's own rate, its laptop column's
 ]
@@ -128,7 +135,7 @@ def swapped(pieces):
 
 
 def climb(args, overrides):
-    results = []
+    results, command = [], shlex.join(["python", "tools/ladder.py", *overrides])
     for number, (name, adds, lecture, script, options, pieces) in enumerate(RUNGS, start=1):
         out_dir = args.out_dir / f"rung{number}"
         argv = BUDGET + options + ["--out_dir", str(out_dir), "--seed", str(args.seed)] + overrides
@@ -144,7 +151,8 @@ def climb(args, overrides):
                             iters=metrics["iters"], train_seconds=metrics["train_seconds"],
                             seconds=metrics["seconds"], val_loss=metrics["val_loss"], dtype=metrics["dtype"],
                             hardware=metrics["hardware"], torch=metrics["torch"], device=metrics["device"],
-                            batch_size=metrics["batch_size"], block_size=metrics["block_size"]))
+                            batch_size=metrics["batch_size"], block_size=metrics["block_size"],
+                            command=command))
         print(f"ladder: rung {number}: full val loss {metrics['val_loss']:.4f} in {metrics['seconds']:.0f} s",
               flush=True)
     return results
@@ -154,7 +162,7 @@ def render(results):
     first = results[0]
     lines = [BEGIN, "", f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}): "
              f"every rung {first['iters']:,} steps of {first['batch_size']} x {first['block_size']} characters, "
-             f"`python tools/ladder.py`:", "",
+             f"`{first.get('command', 'python tools/ladder.py')}`:", "",
              "| rung | what it adds | parameters | time | full val loss | the lecture's |",
              "|---|---|---:|---:|---:|---:|"]
     for r in results:
@@ -199,15 +207,25 @@ def main(argv=None):
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "ladder.png")
     parser.add_argument("--render", action="store_true", help="only redraw from the results file")
     args, overrides = parser.parse_known_args(argv)               # e.g. --max_iters, --device, --dtype
-    if args.render:
-        results = json.loads(args.results.read_text(encoding="utf-8"))
-    else:
-        results = climb(args, overrides)
+    for name in ("out_dir", "results", "readme", "figure"):       # the rungs run in the repository,
+        setattr(args, name, getattr(args, name).resolve())        # where input.txt is or downloads to
+    args.data = args.data and os.path.abspath(args.data)
+    try:                                                          # what could fail after the climb
+        text = args.readme.read_text(encoding="utf-8")            # fails before it
+        results = json.loads(args.results.read_text(encoding="utf-8")) if args.render else None
+    except (OSError, ValueError) as e:
+        sys.exit(f"ladder: cannot read {getattr(e, 'filename', None) or args.results}: {getattr(e, 'strerror', e)}")
+    if not 0 <= text.find(BEGIN) < text.find(END):
+        sys.exit(f"ladder: {args.readme} has no ladder markers ({BEGIN} ... {END})")
+    if not args.render:
+        here = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            results = climb(args, overrides)
+        finally:
+            os.chdir(here)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    text = args.readme.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        sys.exit(f"ladder: {args.readme} has no ladder markers ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     args.readme.write_text(head + render(results) + rest.split(END, 1)[1], encoding="utf-8")
     draw(results, args.figure)
