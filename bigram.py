@@ -3,7 +3,7 @@
 The model predicts the next character from the current one alone, by looking it up in
 a table: the baseline every later stage must beat. Full validation loss on tiny
 Shakespeare: about 2.49 nats per character. Each later stage is this file plus one
-idea, so `diff bigram.py single_attention.py` shows that idea and nothing else.
+idea, so `diff bigram.py single_attention.py` shows that idea and the settings it needs.
 
     python bigram.py               train, report the loss, sample (--sample: only sample; --help)
 
@@ -41,7 +41,7 @@ HYPERPARAMETERS = dict(
 # The text and its characters
 
 class CharTokenizer:
-    """One token per character; the vocabulary is every character of the training text."""
+    """One token per character; the vocabulary is every character of the text (both splits)."""
 
     def __init__(self, chars):
         self.chars = chars                                  # sorted: token id -> character
@@ -140,7 +140,7 @@ def sample_next(logits, args, generator):
     if args.top_p < 1.0:                                    # the likeliest that make up top_p
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > args.top_p  # the likelier ones already do
+        outside = probs.cumsum(dim=-1) - probs >= args.top_p  # the likelier ones already do
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 

@@ -32,7 +32,7 @@ STAGE = "gpt"
 # configuration, 10.8 M parameters, is made for a GPU: on a 2-core CPU one of its steps takes
 # about 10 s. Without a GPU, gpt.py trains a 0.8 M-parameter model for at most about 5
 # minutes on 2 cores: the laptop column on CPUs that compute bfloat16 fast (AVX-512 BF16),
-# else the laptop-float32 column, which sees a third of the text in float32 at a higher rate.
+# else the laptop-float32 column: a third as many characters, in float32, at a higher rate.
 HYPERPARAMETERS = dict(
     batch_size=(64, 32, 16),        # independent sequences trained on in parallel
     block_size=(256, 128, 128),     # context length: 256 characters are a few lines of verse
@@ -56,7 +56,7 @@ HYPERPARAMETERS = dict(
 # The text and its characters
 
 class CharTokenizer:
-    """One token per character; the vocabulary is every character of the training text."""
+    """One token per character; the vocabulary is every character of the text (both splits)."""
 
     def __init__(self, chars):
         self.chars = chars                                  # sorted: token id -> character
@@ -129,8 +129,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)               # mixes what the heads found
         self.attn_dropout = nn.Dropout(dropout)             # NEW (d)
         self.resid_dropout = nn.Dropout(dropout)            # NEW (d)
-        # True above the diagonal: the future. Not saved with the model (persistent=False):
-        # it is made again from block_size whenever the model is.
+        # True above the diagonal: the future (stage 3's tril, the other way round: the slice
+        # the cache needs, and the mask the fused kernel takes). Not saved with the model
+        # (persistent=False): it is made again from block_size whenever the model is.
         future = torch.ones(block_size, block_size, dtype=torch.bool).triu(diagonal=1)
         self.register_buffer("future", future, persistent=False)
 
@@ -155,7 +156,7 @@ class CausalSelfAttention(nn.Module):
     def attention_weights(self, q, k, future):
         """multi_head_attn.py's Head.attention_weights for every head at once: (B, nh, T, hs)
         queries and (B, nh, past + T, hs) keys -> (B, nh, T, past + T), rows summing to 1."""
-        scores = (q * k.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # q scaled first: less work
+        scores = (q * k.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # q scaled first: speed only
         return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
@@ -168,7 +169,8 @@ class FeedForward(nn.Module):
     def __init__(self, n_embd, dropout):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd)
-        self.gelu = nn.GELU()                               # GPT-2's; the lecture uses ReLU
+        # GELU, a smooth ReLU: GPT-2's (which computed its tanh approximation); the lecture: ReLU
+        self.gelu = nn.GELU()
         self.proj = nn.Linear(4 * n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)                  # NEW (d)
 
@@ -211,12 +213,12 @@ class GPT(nn.Module):
         blocks = [Block(n_embd, n_head, block_size, dropout) for _ in range(n_layer)]
         self.blocks = nn.ModuleList(blocks)                 # NEW (b): n_layer of them
         self.ln_f = nn.LayerNorm(n_embd)                    # NEW (c): one more, at the end
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # NEW (e): no bias, as GPT-2
         # NEW (e): weight tying (GPT-2): reading a character in and writing one out share a matrix
         self.lm_head.weight = self.token_embedding_table.weight
         # NEW (e): GPT-2's initialisation: small normal weights, zero biases; the layers that
-        # write into the residual stream are scaled by 1/sqrt(2 n_layer), so that the stream's
-        # variance does not grow with depth
+        # write into the residual stream (both are called proj) are scaled by 1/sqrt(2 n_layer),
+        # so that what all the blocks add to the stream stays the same size however many
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
@@ -249,8 +251,9 @@ def make_model(vocab_size, args):
 # weight tying are in the model above; clipping is in the training loop)
 
 def make_optimizer(model, args, device):
-    """AdamW with weight decay on the weight matrices only, not on biases and layer norms (GPT-3,
-    nanoGPT). beta2 = 0.99 is nanoGPT's choice for its small shakespeare_char run (GPT-3: 0.95)."""
+    """AdamW. Weight decay (0.1, GPT-3's) pulls the matrices towards zero, the embeddings and so
+    the tied lm_head included; biases and layer norms are left out of it, as nanoGPT does.
+    beta2 = 0.99 is nanoGPT's choice for its small shakespeare_char run (GPT-3: 0.95)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": args.weight_decay},
@@ -289,7 +292,7 @@ def sample_next(logits, args, generator):
     if args.top_p < 1.0:                                    # the likeliest that make up top_p
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > args.top_p  # the likelier ones already do
+        outside = probs.cumsum(dim=-1) - probs >= args.top_p  # the likelier ones already do
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 

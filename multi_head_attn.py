@@ -1,7 +1,7 @@
 """Stage 3 of 4: multi-head attention.
 
 single_attention.py with several narrow heads of attention side by side instead of one
-wide one, their outputs joined and projected back to the model's width. Full validation
+wide one, their outputs joined and mixed by a projection. Full validation
 loss on tiny Shakespeare: about 2.05 nats per character (one head: 2.31). The rest is
 single_attention.py, line for line.
 
@@ -42,7 +42,7 @@ HYPERPARAMETERS = dict(
 # The text and its characters
 
 class CharTokenizer:
-    """One token per character; the vocabulary is every character of the training text."""
+    """One token per character; the vocabulary is every character of the text (both splits)."""
 
     def __init__(self, chars):
         self.chars = chars                                  # sorted: token id -> character
@@ -155,7 +155,7 @@ class MultiHeadLanguageModel(nn.Module):
         self.token_embedding_table = nn.Embedding(vocab_size, n_embd)  # which character
         self.position_embedding_table = nn.Embedding(block_size, n_embd)  # where it stands
         self.attention = MultiHeadAttention(n_embd, n_head, block_size)
-        self.lm_head = nn.Linear(n_embd, vocab_size)
+        self.lm_head = nn.Linear(n_embd, vocab_size)        # vector -> logits
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
@@ -193,7 +193,7 @@ def sample_next(logits, args, generator):
     if args.top_p < 1.0:                                    # the likeliest that make up top_p
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > args.top_p  # the likelier ones already do
+        outside = probs.cumsum(dim=-1) - probs >= args.top_p  # the likelier ones already do
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 

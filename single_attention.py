@@ -1,9 +1,9 @@
 """Stage 2 of 4: one head of causal self-attention.
 
-bigram.py plus attention: characters become vectors, each position gets a learned
-position vector, and one head of self-attention lets every position gather what it
-needs from the positions before it. Full validation loss on tiny Shakespeare: about
-2.31 nats per character (bigram.py: 2.49). The rest is bigram.py, line for line.
+bigram.py plus attention: characters and positions become learned vectors (PyTorch's
+N(0, 1) start), and one head of self-attention lets every position gather what it needs
+from the positions before it. Full validation loss on tiny Shakespeare: about 2.31 nats
+per character (bigram.py: 2.49). The rest is bigram.py but for a few settings.
 
     python single_attention.py     train, report the loss, sample (--sample: only sample; --help)
 
@@ -41,7 +41,7 @@ HYPERPARAMETERS = dict(
 # The text and its characters
 
 class CharTokenizer:
-    """One token per character; the vocabulary is every character of the training text."""
+    """One token per character; the vocabulary is every character of the text (both splits)."""
 
     def __init__(self, chars):
         self.chars = chars                                  # sorted: token id -> character
@@ -138,7 +138,7 @@ class SingleHeadLanguageModel(nn.Module):
         self.token_embedding_table = nn.Embedding(vocab_size, n_embd)  # which character
         self.position_embedding_table = nn.Embedding(block_size, n_embd)  # where it stands
         self.attention = Head(n_embd, n_embd, block_size)
-        self.lm_head = nn.Linear(n_embd, vocab_size)
+        self.lm_head = nn.Linear(n_embd, vocab_size)        # vector -> logits
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
@@ -176,7 +176,7 @@ def sample_next(logits, args, generator):
     if args.top_p < 1.0:                                    # the likeliest that make up top_p
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > args.top_p  # the likelier ones already do
+        outside = probs.cumsum(dim=-1) - probs >= args.top_p  # the likelier ones already do
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 

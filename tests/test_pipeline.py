@@ -146,6 +146,9 @@ def test_top_k_and_top_p_keep_the_smallest_likely_set(stage):
     assert {stage.sample_next(logits, nucleus, generator).item() for _ in range(200)} == {0, 1}
     two = argparse.Namespace(temperature=1.0, top_k=2, top_p=1.0)
     assert {stage.sample_next(logits, two, generator).item() for _ in range(200)} == {0, 1}
+    halves = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))           # the first alone makes up 0.5
+    exactly = argparse.Namespace(temperature=1.0, top_k=None, top_p=0.5)
+    assert {stage.sample_next(halves, exactly, generator).item() for _ in range(50)} == {0}
 
 
 @ENDS
