@@ -365,7 +365,7 @@ def configure(args, device):
         args.preset = "full" if device.type == "cuda" else "laptop" if fast else "laptop-float32"
         if training and args.preset != "full":
             print(f"no CUDA GPU: the {args.preset} preset, at most about 5 minutes on 2 CPU cores "
-                  f"{'with' if fast else 'without'} fast bfloat16 (--preset full for the GPU's)")
+                  f"in {'bfloat16' if fast else 'float32'} (--preset full for the GPU's)")
     args.seed = 1337 if args.seed is None else args.seed
     for name, default in HYPERPARAMETERS.items():
         if getattr(args, name) is None:
