@@ -369,11 +369,11 @@ def train(args, device):
     return run.finish()
 
 
-# ═════════════════════════════════════════════════════════════════════════════════════════════
+# =============================================================================================
 # MACHINERY. Everything below makes the lesson above a program you can rely on: the command
 # line, devices and precision, the download, checkpoints, resume, Ctrl-C, metrics and one-line
 # errors. A first reading can stop here. It is the same, line for line, in all four scripts.
-# ═════════════════════════════════════════════════════════════════════════════════════════════
+# =============================================================================================
 import argparse  # noqa: E402  (the machinery's own imports, kept out of the lesson)
 import contextlib  # noqa: E402
 import csv  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, STAGES, load_stage
 
-FOLD = "# " + "═" * 93 + "\n# MACHINERY."
+FOLD = "# " + "=" * 93 + "\n# MACHINERY."
 # the lesson's shared parts: identical from stage to stage (gpt.py changes the last two)
 SHARED = ["CharTokenizer", "load_text", "get_batch", "estimate_loss", "sample_next", "generate", "train"]
 CHANGED_BY_GPT = {"generate", "train"}

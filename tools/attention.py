@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from report import STAGES as ALL_STAGES, pyplot, save_figure
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-STAGES = ("single_attention", "multi_head_attn", "gpt")
+STAGES = tuple(ALL_STAGES[1:])                                     # bigram.py has no attention
 
 
 def shown(ch):
@@ -55,9 +57,7 @@ def attention_of(stage, model, idx):
 
 def draw(layers, prompt, title, path):
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, cols, T = len(layers), layers[0].shape[0], len(prompt)
     size = max(1.6, 0.16 * T + 0.6)
     width = max(size * cols + 0.8, 6.0)                           # room for the title
@@ -78,15 +78,12 @@ def draw(layers, prompt, title, path):
     fig.supxlabel("key: the character attended to", fontsize=9)
     fig.supylabel("query: the character attending", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", required=True, choices=("bigram",) + STAGES)
+    parser.add_argument("--stage", required=True, choices=ALL_STAGES)
     parser.add_argument("--prompt", default="ROMEO:\nWhat light", help="the text whose attention is drawn")
     parser.add_argument("--out_dir", default=None, help="where the stage's ckpt.pt is (default out/<stage>)")
     parser.add_argument("--output", type=Path, default=None, help="the PNG (default docs/attention_<stage>.png)")

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import gpt  # noqa: E402  (after the path is set)
 import multi_head_attn  # noqa: E402
+from report import between_markers, has_markers, pyplot, save_figure  # noqa: E402  (tools/)
 
 BUDGET = ["--block_size", "64", "--batch_size", "32", "--max_iters", "600", "--eval_interval", "200",
           "--eval_iters", "25", "--dtype", "float32", "--max_new_tokens", "0", "--device", "cpu"]
@@ -175,10 +176,7 @@ def render(results):
 
 
 def draw(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = pyplot().subplots(figsize=(8, 3.6))
     names = [f"{r['rung']}. {r['name']}" for r in results]
     ax.barh(names, [r["val_loss"] for r in results], color="tab:blue", label="ours (full val loss)")
     for y, r in enumerate(results):
@@ -191,10 +189,7 @@ def draw(results, path):
     ax.set_xlabel("validation loss (nats per character)")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"multi_head_attn.py to gpt.py, one idea at a time ({results[0]['iters']} steps each)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -215,7 +210,7 @@ def main(argv=None):
         results = json.loads(args.results.read_text(encoding="utf-8")) if args.render else None
     except (OSError, ValueError) as e:
         sys.exit(f"ladder: cannot read {getattr(e, 'filename', None) or args.results}: {getattr(e, 'strerror', e)}")
-    if not 0 <= text.find(BEGIN) < text.find(END):
+    if not has_markers(text, BEGIN, END):
         sys.exit(f"ladder: {args.readme} has no ladder markers ({BEGIN} ... {END})")
     if not args.render:
         here = os.getcwd()
@@ -226,8 +221,7 @@ def main(argv=None):
             os.chdir(here)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    head, rest = text.split(BEGIN, 1)
-    args.readme.write_text(head + render(results) + rest.split(END, 1)[1], encoding="utf-8")
+    args.readme.write_text(between_markers(text, BEGIN, END, render(results)), encoding="utf-8")
     draw(results, args.figure)
     print(f"ladder: wrote {args.readme}, {args.figure} and {args.results}")
     return 0

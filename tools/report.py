@@ -106,22 +106,41 @@ def render_markdown(results):
     return "\n".join(lines)
 
 
+def has_markers(text, begin, end):
+    return 0 <= text.find(begin) < text.find(end)
+
+
+def between_markers(text, begin, end, new):
+    """text with its part from begin to end, both included, replaced by new (which holds them)."""
+    head, rest = text.split(begin, 1)
+    return head + new + rest.split(end, 1)[1]
+
+
 def update_readme(readme, results):
     text = readme.read_text(encoding="utf-8") if readme.exists() else f"{BEGIN}\n{END}\n"
-    if not 0 <= text.find(BEGIN) < text.find(END):
+    if not has_markers(text, BEGIN, END):
         sys.exit(f"report: {readme} has no results markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(head + render_markdown(results) + tail, encoding="utf-8")
+    readme.write_text(between_markers(text, BEGIN, END, render_markdown(results)), encoding="utf-8")
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing into files only (matplotlib: requirements-dev.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=110):
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def draw(results, path):
     """Validation loss of every stage against training time and against steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.8), sharey=True)
     colors = dict(zip(STAGES, ["tab:gray", "tab:orange", "tab:green", "tab:red"]))
     styles = itertools.cycle(["-", "--", ":", "-."])               # one per machine and precision
     for (key, runs), style in zip(results.items(), styles):
@@ -146,10 +165,7 @@ def draw(results, path):
     axes[0].set_ylabel("validation loss (nats per character, estimate)")
     axes[1].legend(fontsize=8, loc="upper right")
     fig.suptitle("tiny Shakespeare: validation loss of the four stages")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
