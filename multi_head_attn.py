@@ -426,6 +426,7 @@ def configure(args, device):
             setattr(args, name, default[PRESETS.index(args.preset)] if is_column else default)
     check_hyperparameters(vars(args))
     check_run_options(args)
+    check_memory(args, device)
     args.planned_iters = args.resuming["planned_iters"] if args.resuming else args.max_iters
     args.dtype = pick_dtype(args.dtype, device)
     if device.type == "cuda":                               # TF32 matrix products: speed only
@@ -469,6 +470,29 @@ def check_run_options(args):
         raise CLIError(f"--temperature cannot be negative, not {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise CLIError(f"--top_p must be in (0, 1], not {args.top_p}")
+
+
+def check_memory(args, device):
+    """Settings that cannot fit in this computer's memory are refused before anything is made.
+    Left to the allocator, they are refused too, but not everywhere: some systems (Linux set to
+    always overcommit, for one) grant any allocation and end the process that fills it."""
+    memory = physical_memory() if device.type == "cpu" else None  # a GPU's allocator refuses
+    if memory is None:
+        return
+    B, T, C = args.batch_size, args.block_size, getattr(args, "n_embd", 0)
+    smallest = max(2 * 8 * B * T, T * T if C else 0, 4 * B * T * C)  # a batch; a mask; activations
+    if smallest > memory:
+        raise CLIError(f"out of memory: --batch_size {B} and --block_size {T} need at least "
+                       f"{smallest / 2 ** 30:,.0f} GiB, and this computer has "
+                       f"{memory / 2 ** 30:,.0f} GiB; try smaller ones or a smaller model")
+
+
+def physical_memory():
+    """Bytes of memory, or None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # ---- devices and precision ----

@@ -36,9 +36,22 @@ def load_stage(name):
     return importlib.import_module(name)
 
 
+SCRATCH = {}                                                       # folder: made once per session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch(tmp_path_factory):
+    SCRATCH["folder"] = tmp_path_factory.mktemp("scratch")
+
+
 def tiny_args(stage, *extra, device="cpu"):
-    """A stage's settled arguments for the tiny settings, as main() would make them."""
-    args = stage.parse_args(TINY + TINY_MODEL[stage.STAGE] + [str(a) for a in extra])
+    """A stage's settled arguments for the tiny settings, as main() would make them. Its out_dir,
+    which configure() locks, is a scratch folder: never the repository's out/, where a learner's
+    own run may be going."""
+    argv = TINY + TINY_MODEL[stage.STAGE] + [str(a) for a in extra]
+    if "--out_dir" not in argv:
+        argv += ["--out_dir", str(SCRATCH["folder"] / stage.STAGE)]
+    args = stage.parse_args(argv)
     stage.configure(args, torch.device(device))
     return args
 

@@ -266,6 +266,29 @@ def test_sizes_and_rates_too_large_for_the_machine_are_one_line(option, value, f
     assert_one_line_error(code, err, fragment)
 
 
+def test_what_cannot_fit_in_memory_is_refused_before_anything_is_made(stage, corpus, run, monkeypatch):
+    """Not left to the allocator: where the system overcommits, it would grant the memory and
+    the process filling it would be ended (as a pytest worker was, on a 128 GiB machine)."""
+    made = []
+    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 20)   # a computer of 1 MiB
+    monkeypatch.setattr(stage, "make_model", lambda *args: made.append(args))
+    code, _, err = run(stage, "--data", corpus, "--batch_size", "64", "--block_size", "2048")
+    assert_one_line_error(code, err, "out of memory: --batch_size 64 and --block_size 2048 need at least")
+    assert not made
+    monkeypatch.undo()                                             # the tiny settings fit in 1 MiB
+    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 20)
+    assert run(stage, "--data", corpus)[0] == 0
+
+
+@ENDS
+def test_what_the_allocator_refuses_is_one_line(stage, corpus, run, monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+    monkeypatch.setattr(stage, "make_model", refuse)
+    code, _, err = run(stage, "--data", corpus)
+    assert_one_line_error(code, err, "out of memory: try a smaller --batch_size, --block_size or model")
+
+
 @ENDS
 @pytest.mark.parametrize("where", ["lock", "set_aside"])
 def test_a_disk_that_fills_while_claiming_or_moving_is_one_line(where, stage, corpus, run, tmp_path,

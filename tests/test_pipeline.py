@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ENDS, ctrl_c_during_step, tiny_args
+from conftest import ENDS, ROOT, ctrl_c_during_step, tiny_args
 
 
 def read_log(path):
@@ -22,6 +22,12 @@ def losses_of(path):
     """log.csv without the times: (step, train loss, val loss) per evaluation."""
     return [(row["step"], row["train_loss"], row["val_loss"]) for row in read_log(path / "log.csv")]
 
+
+def test_the_tests_lock_a_scratch_folder_not_the_repository_s_out(stage):
+    """configure() locks out_dir for training: the tests' settings must not claim out/<stage>,
+    where a learner's run may be going (and where parallel test workers met)."""
+    out_dir = os.path.realpath(tiny_args(stage).out_dir)
+    assert not out_dir.startswith(os.path.realpath(ROOT) + os.sep)
 
 def test_encode_decode_round_trip_and_the_fast_path_agrees(stage):
     text = "Hello, wörld! ünïcode ✓\n"
