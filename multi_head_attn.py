@@ -426,7 +426,8 @@ def configure(args, device):
             setattr(args, name, default[PRESETS.index(args.preset)] if is_column else default)
     check_hyperparameters(vars(args))
     check_run_options(args)
-    check_memory(args, device)
+    if training:                                            # --sample, --evaluate: the checkpoint's
+        check_memory(args, device)
     args.planned_iters = args.resuming["planned_iters"] if args.resuming else args.max_iters
     args.dtype = pick_dtype(args.dtype, device)
     if device.type == "cuda":                               # TF32 matrix products: speed only
@@ -473,26 +474,33 @@ def check_run_options(args):
 
 
 def check_memory(args, device):
-    """Settings that cannot fit in this computer's memory are refused before anything is made.
-    Left to the allocator, they are refused too, but not everywhere: some systems (Linux set to
-    always overcommit, for one) grant any allocation and end the process that fills it."""
+    """Training settings that cannot fit in this computer's memory are refused before anything
+    is made. Left to the allocator, they are refused too, but not everywhere: some systems
+    (Linux set to always overcommit, for one) grant any allocation and end the process that
+    fills it. What is counted is a lower bound: each of these alone must fit."""
     memory = physical_memory() if device.type == "cpu" else None  # a GPU's allocator refuses
     if memory is None:
         return
     B, T, C = args.batch_size, args.block_size, getattr(args, "n_embd", 0)
-    smallest = max(2 * 8 * B * T, T * T if C else 0, 4 * B * T * C)  # a batch; a mask; activations
-    if smallest > memory:
-        raise CLIError(f"out of memory: --batch_size {B} and --block_size {T} need at least "
-                       f"{smallest / 2 ** 30:,.0f} GiB, and this computer has "
-                       f"{memory / 2 ** 30:,.0f} GiB; try smaller ones or a smaller model")
+    # the masks: stage 2 has one float tril, stage 3 one per head, stage 4 a bool one per block
+    masks = getattr(args, "n_layer", 4 * getattr(args, "n_head", 1)) if C else 0
+    needs = {f"a batch of --batch_size {B} x --block_size {T}": 2 * 8 * B * (T + 1),  # int64
+             f"the attention masks of --block_size {T}": masks * T * T,
+             f"one layer's activations at --batch_size {B}, --block_size {T} and --n_embd {C}":
+             4 * B * T * C}
+    what, need = max(needs.items(), key=lambda item: item[1])
+    if need > memory:
+        raise CLIError(f"out of memory: {what} alone would take {need / 2 ** 30:,.1f} GiB, and "
+                       f"this computer has {memory / 2 ** 30:,.1f} GiB; try smaller settings")
 
 
 def physical_memory():
-    """Bytes of memory, or None where the system does not say (Windows)."""
+    """Bytes of memory, or None where the system does not say (Windows, or -1 for unknown)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+    return page * pages if page > 0 and pages > 0 else None
 
 
 # ---- devices and precision ----

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ENDS, load_stage
+from conftest import ATTENTION_STAGES, ENDS, load_stage, tiny_args
 from test_bad_input import assert_one_line_error
 
 gpt = load_stage("gpt")
@@ -266,18 +266,44 @@ def test_sizes_and_rates_too_large_for_the_machine_are_one_line(option, value, f
     assert_one_line_error(code, err, fragment)
 
 
-def test_what_cannot_fit_in_memory_is_refused_before_anything_is_made(stage, corpus, run, monkeypatch):
+@pytest.mark.parametrize("name, settings, fragment", [
+    ("bigram", ["--batch_size", "4096", "--block_size", "16"], "a batch of --batch_size 4096 x --block_size 16"),
+    *[(name, ["--batch_size", "1", "--block_size", "512"], "the attention masks of --block_size 512")
+      for name in ATTENTION_STAGES],
+    *[(name, ["--n_embd", "4096"], "one layer's activations at --batch_size 4, --block_size 16 and --n_embd 4096")
+      for name in ATTENTION_STAGES],
+])
+def test_what_cannot_fit_in_memory_is_refused_before_anything_is_made(name, settings, fragment, corpus, run,
+                                                                      monkeypatch):
     """Not left to the allocator: where the system overcommits, it would grant the memory and
     the process filling it would be ended (as a pytest worker was, on a 128 GiB machine)."""
-    made = []
-    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 20)   # a computer of 1 MiB
+    stage, made = load_stage(name), []
+    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 18)   # a computer of 256 KiB
     monkeypatch.setattr(stage, "make_model", lambda *args: made.append(args))
-    code, _, err = run(stage, "--data", corpus, "--batch_size", "64", "--block_size", "2048")
-    assert_one_line_error(code, err, "out of memory: --batch_size 64 and --block_size 2048 need at least")
+    code, _, err = run(stage, "--data", corpus, *settings)
+    assert_one_line_error(code, err, f"out of memory: {fragment} alone would take")
     assert not made
-    monkeypatch.undo()                                             # the tiny settings fit in 1 MiB
-    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 20)
+
+
+@ENDS
+def test_what_fits_or_cannot_be_known_trains(stage, corpus, run, monkeypatch, tmp_path):
+    physical_memory = stage.physical_memory
+    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 18)   # the tiny settings fit
     assert run(stage, "--data", corpus)[0] == 0
+    monkeypatch.setattr(stage, "physical_memory", lambda: None)      # Windows: nothing to check
+    assert run(stage, "--data", corpus, "--batch_size", "64", "--block_size", "64")[0] == 0
+    args = tiny_args(stage)
+    monkeypatch.setattr(stage, "physical_memory", lambda: 1)
+    for device in ("cuda", "mps"):                                   # their allocators refuse in time
+        stage.check_memory(args, torch.device(device))
+    for value in (-1, 0):                                            # sysconf's "unknown"
+        monkeypatch.setattr(stage.os, "sysconf", lambda name, value=value: value)
+        assert physical_memory() is None
+    monkeypatch.undo()                                               # sampling and evaluating make
+    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 18)   # the checkpoint's model: these
+    out_dir = tmp_path / "out" / stage.STAGE                         # settings are not checked
+    for only in (["--sample"], ["--evaluate", str(corpus)]):
+        assert run(stage, *only, "--batch_size", "100000", tiny=False, out_dir=out_dir)[0] == 0
 
 
 @ENDS

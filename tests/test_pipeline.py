@@ -5,12 +5,13 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ENDS, ROOT, ctrl_c_during_step, tiny_args
+from conftest import ENDS, SCRATCH, ctrl_c_during_step, tiny_args
 
 
 def read_log(path):
@@ -26,8 +27,8 @@ def losses_of(path):
 def test_the_tests_lock_a_scratch_folder_not_the_repository_s_out(stage):
     """configure() locks out_dir for training: the tests' settings must not claim out/<stage>,
     where a learner's run may be going (and where parallel test workers met)."""
-    out_dir = os.path.realpath(tiny_args(stage).out_dir)
-    assert not out_dir.startswith(os.path.realpath(ROOT) + os.sep)
+    assert Path(tiny_args(stage).out_dir).resolve().is_relative_to(SCRATCH["folder"].resolve())
+
 
 def test_encode_decode_round_trip_and_the_fast_path_agrees(stage):
     text = "Hello, wörld! ünïcode ✓\n"
