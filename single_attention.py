@@ -465,10 +465,12 @@ def check_memory(args, device):
     if memory is None:
         return
     B, T, C = args.batch_size, args.block_size, getattr(args, "n_embd", 0)
-    # the masks: stage 2 has one float tril, stage 3 one per head, stage 4 a bool one per block
-    masks = getattr(args, "n_layer", 4 * getattr(args, "n_head", 1)) if C else 0
-    needs = {f"a batch of --batch_size {B} x --block_size {T}": 2 * 8 * B * (T + 1),  # int64
-             f"the attention masks of --block_size {T}": masks * T * T,
+    # the masks' bytes per (query, key) pair: stage 2 has one float32 tril (4), stage 3 one per
+    # head (4 n_head), stage 4 one bool mask per block (n_layer); bigram.py has none
+    mask_bytes = getattr(args, "n_layer", 4 * getattr(args, "n_head", 1)) if C else 0
+    batch_bytes = 2 * 8 * B * (T + 1)                       # int64 ids, and their positions
+    needs = {f"a batch of --batch_size {B} x --block_size {T}": batch_bytes,
+             f"the attention masks of --block_size {T}": mask_bytes * T * T,
              f"one layer's activations at --batch_size {B}, --block_size {T} and --n_embd {C}":
              4 * B * T * C}
     what, need = max(needs.items(), key=lambda item: item[1])
