@@ -374,7 +374,7 @@ def configure(args, device):
     check_hyperparameters(vars(args))
     check_run_options(args)
     if training:                                            # --sample, --evaluate: the checkpoint's
-        check_memory(args, device)
+        check_memory(args, device)                          # model, made as it was trained
     args.planned_iters = args.resuming["planned_iters"] if args.resuming else args.max_iters
     args.dtype = pick_dtype(args.dtype, device)
     if device.type == "cuda":                               # TF32 matrix products: speed only
@@ -424,23 +424,30 @@ def check_memory(args, device):
     """Training settings that cannot fit in this computer's memory are refused before anything
     is made. Left to the allocator, they are refused too, but not everywhere: some systems
     (Linux set to always overcommit, for one) grant any allocation and end the process that
-    fills it. What is counted is a lower bound: each of these alone must fit."""
-    memory = physical_memory() if device.type == "cpu" else None  # a GPU's allocator refuses
+    fills it. Each part counted must fit alone: a lower bound. The model is made first in the
+    computer's memory, also for a GPU; on a CPU, training keeps its gradients, AdamW's two
+    moments and the activations there too."""
+    memory = physical_memory()
     if memory is None:
         return
-    B, T, C = args.batch_size, args.block_size, getattr(args, "n_embd", 0)
-    # the masks' bytes per (query, key) pair: stage 2 has one float32 tril (4), stage 3 one per
-    # head (4 n_head), stage 4 one bool mask per block (n_layer); bigram.py has none
-    mask_bytes = getattr(args, "n_layer", 4 * getattr(args, "n_head", 1)) if C else 0
-    batch_bytes = 2 * 8 * B * (T + 1)                       # int64 ids, and their positions
-    needs = {f"a batch of --batch_size {B} x --block_size {T}": batch_bytes,
-             f"the attention masks of --block_size {T}": mask_bytes * T * T,
-             f"one layer's activations at --batch_size {B}, --block_size {T} and --n_embd {C}":
-             4 * B * T * C}
+    B, T, on_cpu = args.batch_size, args.block_size, device.type == "cpu"
+    with torch.device("meta"):                              # shapes only: nothing is allocated
+        model = make_model(1, args)
+    params = sum(p.numel() for p in model.parameters())     # float32, 4 bytes each
+    masks = sum(b.numel() * b.element_size() for b in model.buffers())
+    kept = " (with their gradients and AdamW's moments)" if on_cpu else ""
+    needs = {f"a batch of --batch_size {B} x --block_size {T}": 2 * 8 * B * (T + 1),  # int64
+             f"the attention masks of --block_size {T}": masks,
+             f"the model's {params:,} parameters{kept}": 4 * params * (4 if on_cpu else 1)}
+    if on_cpu and hasattr(args, "n_embd"):
+        C = args.n_embd
+        needs[f"one layer's activations at --batch_size {B}, --block_size {T} and --n_embd {C}"] \
+            = 4 * B * T * C
     what, need = max(needs.items(), key=lambda item: item[1])
-    if need > memory:
-        raise CLIError(f"out of memory: {what} alone would take {need / 2 ** 30:,.1f} GiB, and "
-                       f"this computer has {memory / 2 ** 30:,.1f} GiB; try smaller settings")
+    if need > memory:                                       # rounded apart, never equal
+        raise CLIError(f"out of memory: {what} alone would take "
+                       f"{math.ceil(need / 2 ** 30 * 10) / 10:,.1f} GiB, and this computer has "
+                       f"{math.floor(memory / 2 ** 30 * 10) / 10:,.1f} GiB; try smaller settings")
 
 
 def physical_memory():

@@ -266,23 +266,59 @@ def test_sizes_and_rates_too_large_for_the_machine_are_one_line(option, value, f
     assert_one_line_error(code, err, fragment)
 
 
-@pytest.mark.parametrize("name, settings, fragment", [
-    ("bigram", ["--batch_size", "4096", "--block_size", "16"], "a batch of --batch_size 4096 x --block_size 16"),
-    *[(name, ["--batch_size", "1", "--block_size", "512"], "the attention masks of --block_size 512")
-      for name in ATTENTION_STAGES],
-    *[(name, ["--n_embd", "4096"], "one layer's activations at --batch_size 4, --block_size 16 and --n_embd 4096")
-      for name in ATTENTION_STAGES],
+def memory_parts(stage, args):
+    """What check_memory() must count, worked out here by hand: the bytes of each part."""
+    B, T = args.batch_size, args.block_size
+    model = stage.make_model(1, args)
+    parts = {"a batch of": 2 * 8 * B * (T + 1),                      # int64 ids and their positions
+             "the model's": 16 * sum(p.numel() for p in model.parameters())}  # + gradients, 2 moments
+    if stage.STAGE != "bigram":
+        C = args.n_embd
+        per_pair = {"single_attention": 4, "multi_head_attn": lambda: 4 * args.n_head,   # float trils,
+                    "gpt": lambda: args.n_layer}[stage.STAGE]                       # bool masks
+        parts["the attention masks of"] = (per_pair() if callable(per_pair) else per_pair) * T * T
+        parts["one layer's activations at"] = 4 * B * T * C
+    return parts
+
+
+@pytest.mark.parametrize("name, settings, part", [
+    ("bigram", ["--batch_size", "4096"], "a batch of"),
+    *[(name, settings, part) for name in ATTENTION_STAGES for settings, part in [
+        (["--batch_size", "1", "--block_size", "512"], "the attention masks of"),
+        (["--batch_size", "4096"], "one layer's activations at"),
+        (["--n_embd", "512"], "the model's")]],
 ])
-def test_what_cannot_fit_in_memory_is_refused_before_anything_is_made(name, settings, fragment, corpus, run,
+def test_what_cannot_fit_in_memory_is_refused_before_anything_is_made(name, settings, part, corpus, run,
                                                                       monkeypatch):
     """Not left to the allocator: where the system overcommits, it would grant the memory and
-    the process filling it would be ended (as a pytest worker was, on a 128 GiB machine)."""
+    the process filling it would be ended (as a pytest worker was, on a 128 GiB machine). Each
+    part is counted to the byte: a computer one byte smaller than it needs is refused."""
     stage, made = load_stage(name), []
-    monkeypatch.setattr(stage, "physical_memory", lambda: 2 ** 18)   # a computer of 256 KiB
-    monkeypatch.setattr(stage, "make_model", lambda *args: made.append(args))
+    parts = memory_parts(stage, tiny_args(stage, *settings))
+    need = parts[part]
+    assert need == max(parts.values())                               # the part these settings test
+    monkeypatch.setattr(stage, "physical_memory", lambda: need)
+    stage.check_memory(tiny_args(stage, *settings), torch.device("cpu"))   # just fits
+    monkeypatch.setattr(stage, "physical_memory", lambda: need - 1)
+    real = stage.make_model
+    monkeypatch.setattr(stage, "make_model", lambda *args: made.append(real(*args)) or made[-1])
     code, _, err = run(stage, "--data", corpus, *settings)
-    assert_one_line_error(code, err, f"out of memory: {fragment} alone would take")
-    assert not made
+    assert_one_line_error(code, err, f"out of memory: {part} ", " alone would take ")
+    assert all(p.is_meta for model in made for p in model.parameters())   # sizes only, no model made
+
+
+@pytest.mark.parametrize("name", ATTENTION_STAGES)
+def test_for_a_gpu_the_computer_holds_the_model_while_it_is_made(name, monkeypatch):
+    """Made on the CPU, then moved: the weights alone, no gradients, moments or activations."""
+    stage = load_stage(name)
+    args = tiny_args(stage, "--n_embd", "512", "--batch_size", "1000")     # activations: 31 MiB
+    weights = 4 * sum(p.numel() for p in stage.make_model(1, args).parameters())
+    for device in ("cuda", "mps"):
+        monkeypatch.setattr(stage, "physical_memory", lambda: weights)
+        stage.check_memory(args, torch.device(device))
+        monkeypatch.setattr(stage, "physical_memory", lambda: weights - 1)
+        with pytest.raises(stage.CLIError, match=r"the model's [\d,]+ parameters alone would take"):
+            stage.check_memory(args, torch.device(device))
 
 
 @ENDS
@@ -292,10 +328,6 @@ def test_what_fits_or_cannot_be_known_trains(stage, corpus, run, monkeypatch, tm
     assert run(stage, "--data", corpus)[0] == 0
     monkeypatch.setattr(stage, "physical_memory", lambda: None)      # Windows: nothing to check
     assert run(stage, "--data", corpus, "--batch_size", "64", "--block_size", "64")[0] == 0
-    args = tiny_args(stage)
-    monkeypatch.setattr(stage, "physical_memory", lambda: 1)
-    for device in ("cuda", "mps"):                                   # their allocators refuse in time
-        stage.check_memory(args, torch.device(device))
     for value in (-1, 0):                                            # sysconf's "unknown"
         monkeypatch.setattr(stage.os, "sysconf", lambda name, value=value: value)
         assert physical_memory() is None
