@@ -306,6 +306,7 @@ def main(argv=None):
             sample(args, device)
         else:
             train(args, device)
+        leave_together()
     except CLIError as e:
         return fail(str(e))
     except (MemoryError, RuntimeError) as e:                # RuntimeError: only the allocators'
@@ -605,6 +606,18 @@ def rank():
 def world_size():
     ready = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_world_size() if ready else 1
+
+
+def leave_together():
+    """Under torchrun, the processes end together: the others wait while rank 0 scores the best
+    model and samples. One that left while rank 0 was still at it sometimes aborted ("terminate
+    called without an active exception"), and torchrun failed the whole run (gloo, PyTorch
+    2.13: one launch in ten)."""
+    if world_size() > 1:
+        try:
+            torch.distributed.barrier()
+        except RuntimeError:                                # rank 0 has failed, and says why
+            raise CLIError("torchrun: another process ended with an error")
 
 
 # ---- speed only: used by gpt.py, whose lesson marks each call ----

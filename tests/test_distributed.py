@@ -100,3 +100,24 @@ def test_only_rank_0_speaks_and_a_missing_backend_is_one_line(run, corpus, monke
     code, _, err = run(gpt, "--data", corpus, "--device", "cpu")
     assert code == 1 and err == "gpt.py: error: torchrun: this PyTorch has no gloo backend (--device cpu)\n"
     assert not torch.distributed.is_initialized()
+
+
+def test_the_processes_leave_together(run, corpus, monkeypatch):
+    """The others wait at a barrier while rank 0 scores and samples: one that left first
+    sometimes aborted, and torchrun failed the run. Only a process that succeeded waits."""
+    left = []
+    monkeypatch.setattr(gpt, "leave_together", lambda: left.append("left"))
+    assert run(gpt, "--data", corpus)[0] == 0 and left == ["left"]
+    assert run(gpt, "--data", corpus, "--max_iters", "-1")[0] != 0 and left == ["left"]
+    monkeypatch.undo()
+    waited = []
+    monkeypatch.setattr(gpt, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: waited.append("waited"))
+    gpt.leave_together()
+    assert waited == ["waited"]
+
+    def gone():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    monkeypatch.setattr(torch.distributed, "barrier", gone)
+    with pytest.raises(gpt.CLIError, match="^torchrun: another process ended with an error$"):
+        gpt.leave_together()
