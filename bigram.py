@@ -348,7 +348,7 @@ def configure(args, device):
     if training and rank() == 0:                            # before anything is read from out_dir
         lock(args.out_dir)
     if training and world_size() > 1:                       # the others wait for rank 0's lock
-        torch.distributed.barrier()
+        wait_for_the_others()
     last = os.path.join(args.out_dir, "last.pt")
     args.resuming = load_checkpoint(last, for_resume=True) if args.resume and training else None
     if args.resuming:
@@ -555,16 +555,23 @@ def world_size():
     return torch.distributed.get_world_size() if ready else 1
 
 
+def wait_for_the_others():
+    """A torchrun barrier. One broken because another process failed is one line here too (that
+    process says why, if it is rank 0, the one that prints)."""
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:
+        raise CLIError("torchrun: another process ended with an error")
+
+
 def leave_together():
-    """Under torchrun, the processes end together: the others wait while rank 0 scores the best
-    model and samples. One that left while rank 0 was still at it sometimes aborted ("terminate
-    called without an active exception"), and torchrun failed the whole run (gloo, PyTorch
-    2.13: one launch in ten)."""
-    if world_size() > 1:
-        try:
-            torch.distributed.barrier()
-        except RuntimeError:                                # rank 0 has failed, and says why
-            raise CLIError("torchrun: another process ended with an error")
+    """Under torchrun with gloo, the processes end together: the others wait while rank 0
+    scores the best model and samples (gloo waits up to 30 minutes). One that left while rank 0
+    was still at it sometimes aborted ("terminate called without an active exception"), and
+    torchrun failed the whole run: one launch in ten, PyTorch 2.13. NCCL processes leave as
+    before: the abort was not seen there, and NCCL's barrier gives up after 10 minutes."""
+    if world_size() > 1 and torch.distributed.get_backend() == "gloo":
+        wait_for_the_others()
 
 
 # ---- speed only: used by gpt.py, whose lesson marks each call ----

@@ -110,14 +110,33 @@ def test_the_processes_leave_together(run, corpus, monkeypatch):
     assert run(gpt, "--data", corpus)[0] == 0 and left == ["left"]
     assert run(gpt, "--data", corpus, "--max_iters", "-1")[0] != 0 and left == ["left"]
     monkeypatch.undo()
-    waited = []
+    waited, backend = [], ["gloo"]
     monkeypatch.setattr(gpt, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: backend[0])
     monkeypatch.setattr(torch.distributed, "barrier", lambda: waited.append("waited"))
     gpt.leave_together()
     assert waited == ["waited"]
+    backend[0] = "nccl"                                             # not seen to abort; its barrier
+    gpt.leave_together()                                            # would give up after 10 minutes
+    assert waited == ["waited"]
+    backend[0] = "gloo"
 
     def gone():
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
     monkeypatch.setattr(torch.distributed, "barrier", gone)
     with pytest.raises(gpt.CLIError, match="^torchrun: another process ended with an error$"):
         gpt.leave_together()
+
+
+def test_rank_0_refused_before_training_is_one_line_on_every_process(tmp_path):
+    """Rank 0 takes out_dir's lock while the others wait at a barrier; when it is refused, the
+    barrier breaks under the others, and that is one line too, not a traceback."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "run.lock").write_text(f"{os.getpid()}\n")          # a live run holds the folder
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    process = torchrun("--data", corpus, "--out_dir", out_dir, *OPTIONS)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count(f"{out_dir} is in use by another run") == 1
+    assert 'gpt.py", line' not in err and "Connection closed" not in err, err
