@@ -274,9 +274,11 @@ def memory_parts(stage, args):
              "the model's": 16 * sum(p.numel() for p in model.parameters())}  # + gradients, 2 moments
     if stage.STAGE != "bigram":
         C = args.n_embd
-        per_pair = {"single_attention": 4, "multi_head_attn": lambda: 4 * args.n_head,   # float trils,
-                    "gpt": lambda: args.n_layer}[stage.STAGE]                       # bool masks
-        parts["the attention masks of"] = (per_pair() if callable(per_pair) else per_pair) * T * T
+        if stage.STAGE == "gpt":
+            per_pair = args.n_layer                                  # a bool mask per block
+        else:
+            per_pair = 4 * getattr(args, "n_head", 1)                # float32 trils: one, or one per head
+        parts["the attention masks of"] = per_pair * T * T
         parts["one layer's activations at"] = 4 * B * T * C
     return parts
 
