@@ -11,7 +11,9 @@ its own tokens/s, which leave out evaluations and saving), so the figures are wh
 gets. Each configuration runs --repeats times, interleaved with the others, and keeps its
 best: on a shared machine one slow minute does not decide a row. Each row's GFLOP/s are
 compared with the matrix-multiply peak of the precision that row used, measured in the
-same run. A table goes to the terminal and everything to out/bench.json.
+same run: once before each round of the rows, the best kept, as for the rows, so that a
+slow minute cannot flatter a fraction. A table goes to the terminal and everything to
+out/bench.json.
 """
 import argparse
 import contextlib
@@ -97,7 +99,34 @@ def config_argv(config):
     return [part for item in config.split() for part in ("--" + item.split("=")[0], item.split("=")[1])]
 
 
-def max_rss_mb(usage):
+# A script's own peak memory. On Linux, wait4's ru_maxrss will not do: a child started from
+# this process (PyTorch loaded, its matrices made) is credited with this process's memory when
+# it replaces itself with the script. So the script is run by a few lines that write its own
+# high-water mark (VmHWM, which starts afresh with the script) to a file as it exits. Processes
+# the script starts itself (--compile's workers) are not counted; the bench starts none such.
+HAS_PROC = Path("/proc/self/status").exists()
+OWN_PEAK = """import atexit, runpy, sys
+def report(path=sys.argv.pop(1)):
+    with open("/proc/self/status") as status, open(path, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(report)
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def reporting_peak(command, report):
+    """`command` (Python, its options, then a script and the script's own), changed to write the
+    script's peak memory to the file `report`; unchanged where there is no /proc."""
+    script = next(i for i, part in enumerate(command) if part.endswith(".py"))
+    return command[:script] + ["-c", OWN_PEAK, str(report)] + command[script:] if HAS_PROC else command
+
+
+def peak_mb(report, usage):
+    if HAS_PROC:
+        if not Path(report).exists():
+            sys.exit(f"bench: the script wrote no peak memory to {report}")
+        return int(Path(report).read_text()) / 2 ** 10              # kB
     return usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)   # macOS: bytes
 
 
@@ -107,14 +136,16 @@ def time_training(stage, argv, data, device, steps):
         command = [sys.executable, f"{stage}.py", "--data", str(data), "--out_dir", out_dir, "--device",
                    device.type, "--max_iters", str(steps), "--eval_interval", str(steps), "--eval_iters", "1",
                    "--max_eval_chars", "1000", "--max_new_tokens", "0", *argv]
+        report = Path(out_dir) / "peak_kb"
         with tempfile.TemporaryFile() as errors:                    # a file: a pipe could fill and block
-            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
+            process = subprocess.Popen(reporting_peak(command, report), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                       stderr=errors)
             _, status, usage = os.wait4(process.pid, 0)
             if status != 0:
                 errors.seek(0)
                 sys.exit(f"bench: {' '.join(command)} failed:\n{errors.read().decode()[-2000:]}")
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
-    metrics["peak_rss_mb"] = max_rss_mb(usage)
+        metrics["peak_rss_mb"] = peak_mb(report, usage)
     return metrics
 
 
@@ -132,14 +163,15 @@ def time_generation(module, args, device, new_tokens, vocab_size, use_cache=None
 
 
 def bench_training(device, configs, steps, data, vocab_size, repeats):
-    peaks = {name: matmul_peak(device, dtype) for name, dtype in DTYPES.items()}
-    print("matrix-multiply peak: " + ", ".join(f"{name} {peak:.0f} GFLOP/s" for name, peak in peaks.items()))
-    best = {}
+    peaks, best = {}, {}
     for repeat in range(repeats):                                  # interleaved: A B C, A B C, ...
+        for name, dtype in DTYPES.items():                         # the peaks each round too:
+            peaks[name] = max(peaks.get(name, 0.0), matmul_peak(device, dtype))   # drift moves them
         for stage, label, argv in configs:
             metrics = time_training(stage, argv, data, device, steps)
             if (stage, label) not in best or metrics["tokens_per_sec"] > best[stage, label]["tokens_per_sec"]:
                 best[stage, label] = metrics
+    print("matrix-multiply peak: " + ", ".join(f"{name} {peak:.0f} GFLOP/s" for name, peak in peaks.items()))
     rows = []
     for stage, label, argv in configs:
         module, args = resolved_args(stage, argv, device)
@@ -208,8 +240,8 @@ def bench_corpus(source):
                     f.write(text)
             command = [sys.executable, "-u", "bigram.py", "--data", str(path), "--out_dir", str(Path(folder) / "out"),
                        "--max_iters", "1", "--eval_iters", "1", "--max_new_tokens", "0"]
-            start = time.perf_counter()
-            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            start, report = time.perf_counter(), Path(folder) / f"peak_kb_{megabytes}"
+            process = subprocess.Popen(reporting_peak(command, report), cwd=ROOT, stdout=subprocess.PIPE, text=True)
             first_step = None
             for line in process.stdout:
                 if line.startswith("step 0:") and first_step is None:
@@ -218,7 +250,7 @@ def bench_corpus(source):
             if status != 0 or first_step is None:
                 sys.exit(f"bench: {' '.join(command)} failed (exit status {status})")
             rows.append(dict(megabytes=path.stat().st_size / 1e6, launch_to_first_step_s=first_step,
-                             whole_run_s=time.perf_counter() - start, peak_rss_mb=max_rss_mb(usage),
+                             whole_run_s=time.perf_counter() - start, peak_rss_mb=peak_mb(report, usage),
                              load_s=load_seconds(path)))
             r = rows[-1]
             print(f"corpus of {r['megabytes']:.0f} MB: read and encoded in {r['load_s']:.2f} s; training starts "
