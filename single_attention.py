@@ -463,11 +463,13 @@ def check_memory(args, device):
     (Linux set to always overcommit, for one) grant any allocation and end the process that
     fills it. Each part counted must fit alone: a lower bound. The model is made first in the
     computer's memory, also for a GPU; on a CPU, training keeps its gradients, AdamW's two
-    moments and the activations there too."""
+    moments and the activations there too, in each of torchrun's processes on this computer."""
     memory = physical_memory()
     if memory is None:
         return
     B, T, on_cpu = args.batch_size, args.block_size, device.type == "cpu"
+    torchrun = on_cpu and "RANK" in os.environ              # its processes on this computer
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if torchrun else 1
     with torch.device("meta"):                              # shapes only: nothing is allocated
         model = make_model(1, args)
     params = sum(p.numel() for p in model.parameters())     # float32, 4 bytes each
@@ -481,10 +483,15 @@ def check_memory(args, device):
         needs[f"one layer's activations at --batch_size {B}, --block_size {T} and --n_embd {C}"] \
             = 4 * B * T * C
     what, need = max(needs.items(), key=lambda item: item[1])
-    if need > memory:                                       # rounded apart, never equal
-        raise CLIError(f"out of memory: {what} alone would take "
-                       f"{math.ceil(need / 2 ** 30 * 10) / 10:,.1f} GiB, and this computer has "
-                       f"{math.floor(memory / 2 ** 30 * 10) / 10:,.1f} GiB; try smaller settings")
+    if need * here > memory:                                # rounded apart, never equal
+        gib, has = math.ceil(need / 2 ** 30 * 10) / 10, math.floor(memory / 2 ** 30 * 10) / 10
+        each, fewer = "", ""
+        if here > 1:                                        # each process keeps its own
+            each = (f" in each of torchrun's {here} processes on this computer, "
+                    f"{gib * here:,.1f} GiB in all")
+            fewer = " or fewer processes"
+        raise CLIError(f"out of memory: {what} alone would take {gib:,.1f} GiB{each}, and this "
+                       f"computer has {has:,.1f} GiB; try smaller settings{fewer}")
 
 
 def physical_memory():
@@ -593,9 +600,11 @@ def world_size():
 
 def wait_for_the_others():
     """A torchrun barrier. One broken because another process failed is one line here too (that
-    process says why, if it is rank 0, the one that prints)."""
+    process says why, if it is rank 0, the one that prints). NCCL's is told this process's GPU:
+    left to guess, it warns."""
+    nccl = torch.distributed.get_backend() == "nccl"
     try:
-        torch.distributed.barrier()
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
     except RuntimeError:
         raise CLIError("torchrun: another process ended with an error")
 

@@ -113,15 +113,18 @@ def test_the_processes_leave_together(run, corpus, monkeypatch):
     waited, backend = [], ["gloo"]
     monkeypatch.setattr(gpt, "world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda: backend[0])
-    monkeypatch.setattr(torch.distributed, "barrier", lambda: waited.append("waited"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda device_ids: waited.append(device_ids))
     gpt.leave_together()
-    assert waited == ["waited"]
+    assert waited == [None]
     backend[0] = "nccl"                                             # not seen to abort; its barrier
     gpt.leave_together()                                            # would give up after 10 minutes
-    assert waited == ["waited"]
+    assert waited == [None]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    gpt.wait_for_the_others()                                       # NCCL's barrier is told the GPU:
+    assert waited == [None, [3]]                                    # left to guess, it warns
     backend[0] = "gloo"
 
-    def gone():
+    def gone(device_ids):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
     monkeypatch.setattr(torch.distributed, "barrier", gone)
     with pytest.raises(gpt.CLIError, match="^torchrun: another process ended with an error$"):

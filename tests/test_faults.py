@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ATTENTION_STAGES, ENDS, load_stage, tiny_args
+from conftest import ATTENTION_STAGES, ENDS, STAGES, load_stage, tiny_args
 from test_bad_input import assert_one_line_error
 
 gpt = load_stage("gpt")
@@ -321,6 +321,31 @@ def test_for_a_gpu_the_computer_holds_the_model_while_it_is_made(name, monkeypat
         monkeypatch.setattr(stage, "physical_memory", lambda: weights - 1)
         with pytest.raises(stage.CLIError, match=r"the model's [\d,]+ parameters alone would take"):
             stage.check_memory(args, torch.device(device))
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_torchrun_s_processes_on_one_computer_are_counted_together(name, monkeypatch):
+    """On a CPU each of torchrun's processes keeps a whole model, batch and activations of its
+    own; for GPUs the computer holds each model only while it is made, so one is counted."""
+    stage = load_stage(name)
+    args = tiny_args(stage, "--batch_size", "4096")
+    parts = memory_parts(stage, args)
+    part, need = max(parts.items(), key=lambda item: item[1])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setattr(stage, "physical_memory", lambda: need)
+    stage.check_memory(args, torch.device("cpu"))                    # left over: not under torchrun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(stage, "physical_memory", lambda: 3 * need)
+    stage.check_memory(args, torch.device("cpu"))
+    monkeypatch.setattr(stage, "physical_memory", lambda: 3 * need - 1)
+    with pytest.raises(stage.CLIError, match=rf"out of memory: {part} .* alone would take [\d.]+ GiB "
+                       rf"in each of torchrun's 3 processes on this computer, [\d.]+ GiB in all, and "
+                       rf"this computer has [\d.]+ GiB; try smaller settings or fewer processes$"):
+        stage.check_memory(args, torch.device("cpu"))
+    weights = 4 * sum(p.numel() for p in stage.make_model(1, args).parameters())
+    one = max(parts["a batch of"], parts.get("the attention masks of", 0), weights)   # a GPU's count
+    monkeypatch.setattr(stage, "physical_memory", lambda: one)
+    stage.check_memory(args, torch.device("cuda"))
 
 
 @ENDS
