@@ -1,4 +1,4 @@
-"""Shared fixtures: the four stage scripts, tiny settings for each, and a tiny corpus."""
+"""Shared fixtures: the four stage scripts, tiny settings for each, a tiny corpus, and main(argv)."""
 import importlib
 import json
 import math
@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from report import STAGES  # noqa: E402  (after the path is set)
+import harness  # noqa: E402  (after the path is set)
+from report import STAGES  # noqa: E402
 
 ATTENTION_STAGES = STAGES[1:]
 # tiny Shakespeare, where it is: downloaded by a first run, or this workplace's shared copy
@@ -36,6 +37,10 @@ def load_stage(name):
     return importlib.import_module(name)
 
 
+def name(stage):
+    return stage.__name__
+
+
 SCRATCH = {}                                                       # folder: made once per session
 
 
@@ -45,14 +50,12 @@ def scratch(tmp_path_factory):
 
 
 def tiny_args(stage, *extra, device="cpu"):
-    """A stage's settled arguments for the tiny settings, as main() would make them. Its out_dir,
-    which configure() locks, is a scratch folder: never the repository's out/, where a learner's
-    own run may be going."""
-    argv = TINY + TINY_MODEL[stage.STAGE] + [str(a) for a in extra]
-    if "--out_dir" not in argv:
-        argv += ["--out_dir", str(SCRATCH["folder"] / stage.STAGE)]
-    args = stage.parse_args(argv)
-    stage.configure(args, torch.device(device))
+    """A stage's settled arguments for the tiny settings, as its command line makes them, for
+    sampling (nothing locked, nothing written)."""
+    argv = TINY + TINY_MODEL[name(stage)] + [str(a) for a in extra] + ["--sample"]
+    argv += ["--out_dir", str(SCRATCH["folder"] / name(stage))]
+    args = harness.parse_args(stage, argv)
+    harness.configure(stage, args, torch.device(device))
     return args
 
 
@@ -61,14 +64,20 @@ def stage(request):
     return load_stage(request.param)
 
 
-# The machinery below the fold is the same in all four scripts (tests/test_scaffolding.py checks
-# it), so a test of the machinery alone runs on the first stage and the last.
-ENDS = pytest.mark.parametrize("stage", ["bigram", "gpt"], indirect=True)
-
-
 @pytest.fixture(params=ATTENTION_STAGES)
 def attention_stage(request):
     return load_stage(request.param)
+
+
+@pytest.fixture
+def bigram():
+    """The stage the machinery's own tests run on: harness.py is the same for every stage."""
+    return load_stage("bigram")
+
+
+@pytest.fixture
+def gpt():
+    return load_stage("gpt")
 
 
 @pytest.fixture
@@ -87,9 +96,9 @@ def make_text(n_lines=300):
     words = "the a of and to my thy love night day star light".split()
     lines = []
     for i in range(n_lines):
-        name = names[i % len(names)]
+        speaker = names[i % len(names)]
         line = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6))
-        lines.append(f"{name}:\n{line.capitalize()}.\n")
+        lines.append(f"{speaker}:\n{line.capitalize()}.\n")
     return "\n".join(lines)
 
 
@@ -109,9 +118,9 @@ class Runner:
     def __call__(self, module, *argv, tiny=True, out_dir=None):
         args = [str(a) for a in argv]
         if tiny:
-            args = TINY + TINY_MODEL[module.STAGE] + args
+            args = TINY + TINY_MODEL[name(module)] + args
         if "--out_dir" not in args:
-            args += ["--out_dir", str(out_dir or self.tmp_path / "out" / module.STAGE)]
+            args += ["--out_dir", str(out_dir or self.tmp_path / "out" / name(module))]
         if "--device" not in args:                                 # the CPU, also where there is a GPU:
             args += ["--device", "cpu"]                            # its kernels are deterministic
         self.capsys.readouterr()
@@ -123,7 +132,7 @@ class Runner:
         return code, out, err
 
     def metrics(self, module, out_dir=None):
-        path = Path(out_dir or self.tmp_path / "out" / module.STAGE) / "metrics.json"
+        path = Path(out_dir or self.tmp_path / "out" / name(module)) / "metrics.json"
         return json.loads(path.read_text())
 
 
@@ -134,6 +143,14 @@ def run(capsys, tmp_path):
 
 def ln(n):
     return math.log(n)
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 def ctrl_c_during_step(stage, monkeypatch, step, presses=1):

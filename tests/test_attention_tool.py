@@ -1,10 +1,10 @@
-"""tools/attention.py: the pictures of what attention learned, from tiny trained models."""
+"""tools/attention.py and harness.load(...).attention: the weights of tiny trained models."""
 import pytest
 import torch
 
 import attention  # tools/, on the path from conftest
-from conftest import ATTENTION_STAGES, load_stage
-from test_bad_input import assert_one_line_error
+import harness
+from conftest import ATTENTION_STAGES, assert_one_line_error, load_stage, name
 
 PROMPT = "ROMEO:\nthe"
 
@@ -12,7 +12,7 @@ PROMPT = "ROMEO:\nthe"
 @pytest.fixture
 def trained(attention_stage, run, corpus, tmp_path):
     assert run(attention_stage, "--data", corpus)[0] == 0
-    return attention_stage, tmp_path / "out" / attention_stage.STAGE
+    return attention_stage, tmp_path / "out" / name(attention_stage)
 
 
 def weights_by_hand(stage, model, ids):
@@ -21,9 +21,9 @@ def weights_by_hand(stage, model, ids):
     T = x.shape[1]
     with torch.no_grad():
         h = model.token_embedding_table(x) + model.position_embedding_table(torch.arange(T))
-        if stage.STAGE == "single_attention":
+        if name(stage) == "single_attention":
             return [model.attention.attention_weights(h)]
-        if stage.STAGE == "multi_head_attn":
+        if name(stage) == "multi_head_attn":
             return [torch.cat([head.attention_weights(h) for head in model.attention.heads])]
         layers = []
         for block in model.blocks:
@@ -38,23 +38,22 @@ def weights_by_hand(stage, model, ids):
 def test_the_weights_drawn_are_the_model_s_causal_and_rows_sum_to_one(trained, tmp_path, capsys):
     stage, out_dir = trained
     output = tmp_path / "picture.png"
-    assert attention.main(["--stage", stage.STAGE, "--prompt", PROMPT, "--out_dir", str(out_dir),
+    assert attention.main(["--stage", name(stage), "--prompt", PROMPT, "--out_dir", str(out_dir),
                            "--output", str(output)]) == 0
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "attention: wrote" in capsys.readouterr().out
-    args = stage.parse_args(["--sample", "--out_dir", str(out_dir)])
-    stage.configure(args, torch.device("cpu"))
-    model, tokenizer = stage.saved_model(args, torch.device("cpu"))
-    ids, kernel_choice = tokenizer.encode(PROMPT), stage.use_fused_attention
-    layers = attention.attention_of(stage, model, torch.tensor(ids)[None, :])
-    assert stage.use_fused_attention is kernel_choice                # put back as it was
-    heads = {"single_attention": 1, "multi_head_attn": 2, "gpt": 2}[stage.STAGE]
-    assert len(layers) == (2 if stage.STAGE == "gpt" else 1)
-    for drawn, by_hand in zip(layers, weights_by_hand(stage, model, ids)):
+    loaded = harness.load(stage, out_dir)
+    layers = loaded.attention(PROMPT)
+    heads = {"single_attention": 1, "multi_head_attn": 2, "gpt": 2}[name(stage)]
+    assert len(layers) == (2 if name(stage) == "gpt" else 1)
+    for drawn, by_hand in zip(layers, weights_by_hand(stage, loaded.model, loaded.tokenizer.encode(PROMPT))):
         T = len(PROMPT)
         assert drawn.shape == (heads, T, T)
         assert torch.allclose(drawn.sum(-1), torch.ones(heads, T), atol=1e-5)
         assert torch.all(drawn.triu(diagonal=1) == 0)              # no weight on the future
         assert torch.allclose(drawn, by_hand, atol=1e-5)
+    watched = loaded.model.blocks[0].attention if name(stage) == "gpt" else loaded.model.attention
+    assert not harness.WATCHING and "attention_weights" not in vars(watched)   # all put back
+    assert loaded.sample("ROMEO:", 10, seed=1) == loaded.sample("ROMEO:", 10, seed=1)
 
 
 @pytest.mark.parametrize("problem", ["bigram", "no checkpoint", "unknown characters", "too long"])

@@ -1,5 +1,6 @@
 """gpt.py under torchrun: two CPU processes (gloo) train one model. Two launches serve every
-check: a run stopped by Ctrl-C, and its resumption to the end."""
+check: a run stopped by Ctrl-C, and its resumption to the end. The other stages train in one
+process, and say so."""
 import os
 import signal
 import subprocess
@@ -8,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_MODEL, load_stage, make_text
+import harness
+from conftest import ROOT, TINY, TINY_MODEL, assert_one_line_error, load_stage, make_text
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-gpt = load_stage("gpt")
 OPTIONS = TINY + TINY_MODEL["gpt"] + ["--device", "cpu", "--max_iters", "200", "--eval_interval", "100"]
 
 
@@ -51,11 +52,11 @@ def test_ctrl_c_stops_every_process_at_one_step_and_rank_0_saves_once(two_proces
     assert two_processes["stopped_files"] == ["ckpt.pt", "last.pt", "log.csv"]   # and writes, once
 
 
-def test_the_resumed_run_equals_one_process_that_sees_both_batches_as_one(two_processes):
+def test_the_resumed_run_equals_one_process_that_sees_both_batches_as_one(two_processes, gpt):
     """Each process draws batches from its own seed, seed + rank; averaging their gradients is
     what one process does with both batches side by side."""
-    args = gpt.parse_args(OPTIONS + ["--sample"])
-    gpt.configure(args, torch.device("cpu"))
+    args = harness.parse_args(gpt, OPTIONS + ["--sample"])
+    harness.configure(gpt, args, torch.device("cpu"))
     tokenizer, train_data, _ = gpt.load_text(str(two_processes["corpus"]))
     torch.manual_seed(args.seed)
     model = gpt.make_model(tokenizer.vocab_size, args)
@@ -72,11 +73,11 @@ def test_the_resumed_run_equals_one_process_that_sees_both_batches_as_one(two_pr
         optimizer.step()
     saved = torch.load(two_processes["out_dir"] / "last.pt", weights_only=True)
     assert saved["step"] == 200 and saved["world_size"] == 2 and len(saved["rng"]) == 2
-    for name, value in model.state_dict().items():
-        assert torch.allclose(saved["model"][name], value, atol=1e-5), name
+    for key, value in model.state_dict().items():
+        assert torch.allclose(saved["model"][key], value, atol=1e-5), key
 
 
-def test_the_checkpoints_are_single_process_ones(two_processes, run, tmp_path):
+def test_the_checkpoints_are_single_process_ones(two_processes, gpt, run, tmp_path):
     out_dir = two_processes["out_dir"]
     assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "last.pt", "log.csv", "metrics.json"]
     assert run.metrics(gpt, out_dir)["world_size"] == 2
@@ -87,59 +88,91 @@ def test_the_checkpoints_are_single_process_ones(two_processes, run, tmp_path):
     assert code == 1 and err.count("\n") == 1 and "was trained by 2 processes" in err
 
 
-def test_only_rank_0_speaks_and_a_missing_backend_is_one_line(run, corpus, monkeypatch, capsys):
+def test_rank_0_speaks_for_all_while_they_check_the_same_things_and_each_speaks_once_training(
+        gpt, run, corpus, monkeypatch, capsys):
+    """Defect: a failure on any rank but 0 was silent, since only rank 0 printed."""
+    args = harness.parse_args(gpt, ["--sample"])
     monkeypatch.setenv("RANK", "1")
-    assert gpt.fail("the same mistake on every process") == 1
+    args.own_errors = False                                        # checking the same settings
+    assert harness.fail(args, "the same mistake on every process") == 1
     assert capsys.readouterr() == ("", "")
+    args.own_errors = True                                         # training: its own trouble
+    assert harness.fail(args, "out of memory") == 1
+    assert capsys.readouterr().err == "gpt.py: error: rank 1: out of memory\n"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     code, _, err = run(gpt, "--data", corpus, "--device", "cpu")   # WORLD_SIZE and the rest missing
     assert code == 1 and err.startswith("gpt.py: error: torchrun: cannot join the other processes: ")
     assert err.count("\n") == 1
-    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: False)
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda backend: False)
     code, _, err = run(gpt, "--data", corpus, "--device", "cpu")
     assert code == 1 and err == "gpt.py: error: torchrun: this PyTorch has no gloo backend (--device cpu)\n"
     assert not torch.distributed.is_initialized()
 
 
-def test_the_processes_leave_together(run, corpus, monkeypatch):
+def pretend_two_processes(monkeypatch, collective=lambda *args, **kwargs: None):
+    monkeypatch.setattr(harness, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    for name in ("barrier", "all_reduce", "all_gather_object"):
+        monkeypatch.setattr(torch.distributed, name, collective)
+
+
+def test_a_collective_broken_by_another_process_is_one_line(gpt, run, corpus, monkeypatch):
+    """Defect: a failing all_reduce or all_gather_object gave rank 0 a gloo traceback."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    pretend_two_processes(monkeypatch, broken)
+    monkeypatch.setattr(harness, "wait_for_the_others", lambda: None)   # joined: past the lock's barrier
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: model)
+    code, _, err = run(gpt, "--data", corpus)
+    assert_one_line_error(code, err, "torchrun: another process ended with an error")
+
+
+def test_the_smaller_stages_train_in_one_process_and_say_so_under_torchrun(run, corpus, monkeypatch, tmp_path):
+    pretend_two_processes(monkeypatch)
+    bigram = load_stage("bigram")
+    code, _, err = run(bigram, "--data", corpus)
+    assert_one_line_error(code, err, "torchrun: bigram.py trains in one process; gpt.py in several")
+    assert not (tmp_path / "out" / "bigram").exists()              # refused before anything is saved
+
+
+def test_the_processes_leave_together(gpt, run, corpus, monkeypatch):
     """The others wait at a barrier while rank 0 scores and samples: one that left first
     sometimes aborted, and torchrun failed the run. Only a process that succeeded waits."""
     left = []
-    monkeypatch.setattr(gpt, "leave_together", lambda: left.append("left"))
+    monkeypatch.setattr(harness, "leave_together", lambda: left.append("left"))
     assert run(gpt, "--data", corpus)[0] == 0 and left == ["left"]
     assert run(gpt, "--data", corpus, "--max_iters", "-1")[0] != 0 and left == ["left"]
     monkeypatch.undo()
     waited, backend = [], ["gloo"]
-    monkeypatch.setattr(gpt, "world_size", lambda: 2)
+    monkeypatch.setattr(harness, "world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda: backend[0])
     monkeypatch.setattr(torch.distributed, "barrier", lambda device_ids: waited.append(device_ids))
-    gpt.leave_together()
+    harness.leave_together()
     assert waited == [None]
     backend[0] = "nccl"                                             # not seen to abort; its barrier
-    gpt.leave_together()                                            # would give up after 10 minutes
+    harness.leave_together()                                        # would give up after 10 minutes
     assert waited == [None]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    gpt.wait_for_the_others()                                       # NCCL's barrier is told the GPU:
+    harness.wait_for_the_others()                                   # NCCL's barrier is told the GPU:
     assert waited == [None, [3]]                                    # left to guess, it warns
-    backend[0] = "gloo"
-
-    def gone(device_ids):
-        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
-    monkeypatch.setattr(torch.distributed, "barrier", gone)
-    with pytest.raises(gpt.CLIError, match="^torchrun: another process ended with an error$"):
-        gpt.leave_together()
 
 
-def test_rank_0_refused_before_training_is_one_line_on_every_process(tmp_path):
-    """Rank 0 takes out_dir's lock while the others wait at a barrier; when it is refused, the
-    barrier breaks under the others, and that is one line too, not a traceback."""
+def test_rank_0_refused_at_the_lock_is_one_line_and_the_others_keep_quiet(gpt, run, corpus, tmp_path, monkeypatch):
+    """Rank 0 takes out_dir's lock while the others wait at a barrier. When it is refused it
+    says so; the barrier then breaks under the others, which is one line too, left unsaid."""
     out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    (out_dir / "run.lock").write_text(f"{os.getpid()}\n")          # a live run holds the folder
-    corpus = tmp_path / "tiny.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    process = torchrun("--data", corpus, "--out_dir", out_dir, *OPTIONS)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode != 0 and err.count(f"{out_dir} is in use by another run") == 1
-    assert 'gpt.py", line' not in err and "Connection closed" not in err, err
+    harness.lock(str(out_dir))                                     # another run holds the folder
+    try:
+        code, _, err = run(gpt, "--data", corpus, out_dir=out_dir)
+        assert_one_line_error(code, err, f"{out_dir} is in use by another run")
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+        pretend_two_processes(monkeypatch, broken)
+        monkeypatch.setenv("RANK", "1")                            # rank 1 takes no lock, waits
+        monkeypatch.setattr(harness, "join_processes", lambda device: device)   # joined already
+        code, out, err = run(gpt, "--data", corpus, out_dir=out_dir)
+        assert code == 1 and err == ""
+    finally:
+        harness.unlock(str(out_dir))

@@ -9,17 +9,18 @@ import pytest
 from conftest import REAL_CORPUS, ROOT, TINY, TINY_MODEL, load_stage
 
 
-def test_command_line_end_to_end(tmp_path, corpus):
+def test_command_line_end_to_end(tmp_path, corpus, run):
+    """python gpt.py as a learner types it (tiny), and then --sample from what it saved."""
     out_dir = tmp_path / "out"
-    train = [sys.executable, "gpt.py", "--data", str(corpus), "--out_dir", str(out_dir), *TINY, *TINY_MODEL["gpt"]]
+    train = [sys.executable, "gpt.py", "--data", str(corpus), "--out_dir", str(out_dir), *TINY, *TINY_MODEL["gpt"],
+             "--device", "cpu"]
     done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "full val loss" in done.stdout and "Traceback" not in done.stderr
-    sample = [sys.executable, "gpt.py", "--sample", "--out_dir", str(out_dir), "--prompt", "JULIET:",
-              "--max_new_tokens", "40", "--dtype", "float32"]
-    done = subprocess.run(sample, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("JULIET:") and len(done.stdout) == len("JULIET:") + 40 + 1
+    code, out, err = run(load_stage("gpt"), "--sample", "--prompt", "JULIET:", "--max_new_tokens", "40",
+                         tiny=False, out_dir=out_dir)
+    assert code == 0, err
+    assert out.startswith("JULIET:") and len(out) == len("JULIET:") + 40 + 1
 
 
 @pytest.mark.skipif(not REAL_CORPUS, reason="tiny Shakespeare is not here")

@@ -8,8 +8,9 @@ It loads the stage's trained checkpoint (out/<stage>/ckpt.pt, or --out_dir) and 
 panel per head, one row per layer for gpt.py, into docs/attention_<stage>.png (or --output).
 In a panel, row t is the query at the prompt's t-th character and column s a key: the colour
 is how much of position s's value position t takes. Each row sums to 1; the future, to the
-right of the diagonal, is masked out and left empty. The weights are the model's own: its
-attention_weights method is watched while the model reads the prompt once.
+right of the diagonal, is masked out and left empty. The weights are the model's own, as
+harness.load(stage).attention(prompt) gives them in a notebook: each attention_weights
+method is watched while the model reads the prompt once.
 """
 import argparse
 import math
@@ -22,37 +23,14 @@ from report import STAGES as ALL_STAGES, pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402  (after the path is set)
+
 STAGES = tuple(ALL_STAGES[1:])                                     # bigram.py has no attention
 
 
 def shown(ch):
     """A character as a tick label: newline and space made visible."""
     return {"\n": "\u23ce", " ": "\u2423", "\t": "\u21e5"}.get(ch, ch)
-
-
-def attention_of(stage, model, idx):
-    """Read idx, (1, T) token ids, once; return every head's weights as the model computes
-    them: a list of layers, each a (heads, T, T) tensor."""
-    recorded = []
-    owner = stage.CausalSelfAttention if stage.STAGE == "gpt" else stage.Head
-    original = owner.attention_weights
-
-    def watched(self, *inputs):
-        weights = original(self, *inputs)
-        recorded.append(weights[0])                                # (T, T), or (nh, T, T) for gpt.py
-        return weights
-
-    fused = getattr(stage, "use_fused_attention", None)
-    owner.attention_weights = watched
-    stage.use_fused_attention = lambda q: False                    # the written-out path computes them
-    try:
-        with torch.no_grad():
-            model.eval()(idx)
-    finally:
-        owner.attention_weights, stage.use_fused_attention = original, fused
-    if stage.STAGE == "gpt":
-        return recorded                                            # one (nh, T, T) per block
-    return [torch.stack(recorded)]                                 # one layer: its heads in order
 
 
 def draw(layers, prompt, title, path):
@@ -93,26 +71,16 @@ def main(argv=None):
         print("attention: error: bigram.py has no attention to draw: its table looks at one character",
               file=sys.stderr)
         return 1
-    stage = __import__(args.stage)
-    options = stage.parse_args(["--sample", "--prompt", args.prompt, "--device", args.device,
-                                "--out_dir", args.out_dir or f"out/{args.stage}"])
-    try:
-        device = stage.pick_device(options.device)
-        stage.configure(options, device)
-        model, tokenizer = stage.saved_model(options, device)
-        ids = stage.encode_prompt(tokenizer, options)
-        if len(ids) > options.block_size:
-            raise stage.CLIError(f"the prompt has {len(ids)} characters, more than the model's context "
-                                 f"of {options.block_size}")
-    except stage.CLIError as e:
-        print(f"attention: error: {e}", file=sys.stderr)
-        return 1
     try:
         import matplotlib  # noqa: F401  (a dev dependency: requirements-dev.txt)
     except ImportError:
         print("attention: error: drawing needs matplotlib: pip install -r requirements-dev.txt", file=sys.stderr)
         return 1
-    layers = attention_of(stage, model, torch.tensor(ids, device=device)[None, :])
+    try:                                                           # the lines a notebook would use
+        layers = harness.load(__import__(args.stage), args.out_dir, args.device).attention(args.prompt)
+    except harness.CLIError as e:
+        print(f"attention: error: {e}", file=sys.stderr)
+        return 1
     output = args.output or ROOT / "docs" / f"attention_{args.stage}.png"
     draw(layers, args.prompt, f"{args.stage}.py: attention weights for {args.prompt!r}", output)
     print(f"attention: wrote {output} ({len(layers)} layer(s) x {layers[0].shape[0]} head(s))")

@@ -34,6 +34,8 @@ from report import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402  (after the path is set)
+
 NANOGPT_CPU = "n_layer=4 n_head=4 n_embd=128 block_size=64 batch_size=12 dropout=0.0"   # nanoGPT's README
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -75,10 +77,10 @@ def load(stage):
 
 
 def resolved_args(stage, argv, device):
-    """A stage's settled arguments, as its main() makes them (--sample: nothing is locked)."""
+    """A stage's settled arguments, as its command line makes them (--sample: nothing is locked)."""
     module = load(stage)
-    args = module.parse_args(argv + ["--sample"])
-    module.configure(args, device)
+    args = harness.parse_args(module, argv + ["--sample"])
+    harness.configure(module, args, device)
     return module, args
 
 
@@ -157,7 +159,7 @@ def time_generation(module, args, device, new_tokens, vocab_size, use_cache=None
     kwargs = {} if use_cache is None else {"use_cache": use_cache}
     sync(device)
     start = time.perf_counter()
-    module.generate(model, idx, new_tokens, args, device, generator, **kwargs)
+    module.generate(model, idx, new_tokens, args, generator, **kwargs)
     sync(device)
     return new_tokens / (time.perf_counter() - start)
 
@@ -278,8 +280,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.data).exists():
         sys.exit(f"bench: no {args.data}: run python bigram.py once (it downloads it), or pass --data")
-    device = load("bigram").pick_device(args.device)
-    hardware = load("bigram").hardware_name(device)
+    device = harness.pick_device(args.device)
+    hardware = harness.hardware_name(device)
     print(f"{hardware}; PyTorch {torch.__version__}; Python {platform.python_version()}")
     report = dict(hardware=hardware, device=device.type, torch=torch.__version__)
     if args.corpus:

@@ -1,0 +1,409 @@
+"""harness.py, the machinery: training's outputs, checkpoints, resume, Ctrl-C, the earlier run,
+sampling, --evaluate, --help, presets, the lines for a notebook. It is the same for every stage,
+so it is tested on bigram.py, the fastest; gpt.py's own paths on gpt.py."""
+import csv
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+from conftest import ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, name, tiny_args
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def losses_of(path):
+    """log.csv without the times: (step, train loss, val loss) per evaluation."""
+    return [(row["step"], row["train_loss"], row["val_loss"]) for row in read_log(path / "log.csv")]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(bigram, corpus, run, tmp_path):
+    code, out, err = run(bigram, "--data", corpus, "--max_iters", "40")
+    assert code == 0, err
+    out_dir = tmp_path / "out" / "bigram"
+    log = read_log(out_dir / "log.csv")
+    assert [row["step"] for row in log] == [0, 10, 20, 30, 40]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.5
+    metrics = run.metrics(bigram)
+    for key in ("stage", "params", "iters", "train_loss", "val_loss", "val_bpc", "tokens_per_sec", "seconds",
+                "device", "hardware", "batch_size", "block_size", "learning_rate", "seed", "dtype", "interrupted",
+                "warning", "torch", "world_size"):
+        assert key in metrics
+    assert metrics["stage"] == "bigram" and metrics["iters"] == 40 and not metrics["interrupted"]
+    assert metrics["val_bpc"] == pytest.approx(metrics["val_loss"] / math.log(2))
+    best = min(log, key=lambda row: row["val_loss"])              # the best estimate is the one kept
+    assert metrics["best_step"] == best["step"] and metrics["train_loss"] == pytest.approx(best["train_loss"])
+    assert "full val loss" in out and "bits per character" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "last.pt", "log.csv", "metrics.json"]
+
+
+def test_the_tests_use_a_scratch_folder_not_the_repository_s_out(stage):
+    assert Path(tiny_args(stage).out_dir).resolve().is_relative_to(SCRATCH["folder"].resolve())
+
+
+def test_full_loss_scores_every_character_once():
+    stage = load_stage("multi_head_attn")
+    args = tiny_args(stage)
+    model = stage.make_model(10, args)
+    data = np.random.default_rng(0).integers(0, 10, 101).astype(np.uint8)   # 100 targets, block 16
+    nats, count = harness.full_loss(model, data, args, torch.device("cpu"))
+    assert count == 100
+    total = 0.0                                                    # the same sum, window by window
+    for start in range(0, 100, args.block_size):
+        chunk = torch.from_numpy(data[start:min(start + args.block_size, 100) + 1].astype(np.int64))[None]
+        logits, _ = model(chunk[:, :-1])
+        total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+    assert nats == pytest.approx(total / 100, rel=1e-5)
+
+
+def test_checkpoint_round_trip_gives_the_same_sample_and_loss(bigram, corpus, run, tmp_path):
+    assert run(bigram, "--data", corpus)[0] == 0
+    out_dir = tmp_path / "out" / "bigram"
+    code, out, err = run(bigram, "--sample", "--max_new_tokens", "30", tiny=False, out_dir=out_dir)
+    assert code == 0, err
+    assert out.rstrip("\n") == run.metrics(bigram)["sample"].rstrip("\n")
+    text = corpus.read_text(encoding="utf-8")
+    val = tmp_path / "val.txt"
+    val.write_text(text[int(0.9 * len(text)):], encoding="utf-8")
+    code, out, err = run(bigram, "--evaluate", val, tiny=False, out_dir=out_dir)
+    assert code == 0, err
+    assert f"loss {run.metrics(bigram)['val_loss']:.4f} nats" in out
+    assert "perplexity" in out and f"{len(val.read_text()) - 1:,} characters scored" in out
+
+
+def test_evaluate_takes_the_batch_size_it_is_given(bigram, corpus, run, tmp_path, monkeypatch):
+    """Defect: --evaluate took the checkpoint's batch size, so its memory could not be lowered."""
+    assert run(bigram, "--data", corpus, "--batch_size", "8")[0] == 0
+    seen, real = [], harness.full_loss
+    monkeypatch.setattr(harness, "full_loss", lambda model, data, args, device:
+                        seen.append(args.batch_size) or real(model, data, args, device))
+    outputs = [run(bigram, "--evaluate", corpus, *given, tiny=False, out_dir=tmp_path / "out" / "bigram")
+               for given in ([], ["--batch_size", "2"])]
+    assert seen == [8, 2] and outputs[0][1] == outputs[1][1]       # the same loss either way
+    single = load_stage("single_attention")
+    assert run(single, "--data", corpus)[0] == 0
+    code, _, err = run(single, "--evaluate", corpus, "--n_embd", "32", tiny=False,
+                       out_dir=tmp_path / "out" / "single_attention")
+    assert code == 1 and err.count("\n") == 1
+    assert "the saved model's weights do not fit --n_embd 32: leave it out" in err
+
+
+def test_sampling_options(bigram, corpus, run, tmp_path):
+    assert run(bigram, "--data", corpus)[0] == 0
+    out_dir = tmp_path / "out" / "bigram"
+    greedy = [run(bigram, "--sample", "--temperature", "0", "--seed", s, "--prompt", "ROMEO:", tiny=False,
+                  out_dir=out_dir)[1] for s in (1, 2)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:")   # greedy ignores the seed
+    code, out, _ = run(bigram, "--sample", "--top_k", "1", "--num_samples", "2", "--max_new_tokens", "5",
+                       tiny=False, out_dir=out_dir)
+    first, second = out.split("-" * 40)
+    assert code == 0 and first.strip() == second.strip()           # top_k 1 is greedy too
+    code, out, _ = run(bigram, "--sample", "--top_k", "1000", "--top_p", "0.5", "--max_new_tokens", "5",
+                       tiny=False, out_dir=out_dir)
+    assert code == 0 and len(out) == len("\n") + 5 + 1
+    samples = [run(bigram, "--sample", "--seed", s, "--max_new_tokens", "40", tiny=False, out_dir=out_dir)[1]
+               for s in (1, 1, 2)]
+    assert samples[0] == samples[1] != samples[2]                  # the same seed, the same sample
+
+
+def test_sampling_leaves_the_model_as_it_found_it(bigram, gpt):
+    for stage in (bigram, gpt):
+        args = tiny_args(stage, "--dtype", "bfloat16")
+        model, tokenizer = stage.make_model(20, args), stage.CharTokenizer("".join(map(chr, range(65, 85))))
+        args.prompt, args.prompt_given = "A", True
+        for mode in (True, False):
+            model.train(mode)
+            inside = []
+            real = stage.generate
+            stage.generate = lambda *a: inside.append(model.training) or real(*a)
+            try:
+                harness.sample_text(stage, model, tokenizer, args, torch.device("cpu"), max_new_tokens=5)
+            finally:
+                stage.generate = real
+            assert model.training == mode and inside == [False]    # eval mode inside, the caller's after
+            assert not torch.is_autocast_enabled("cpu")            # no bfloat16 left on
+
+
+def test_samples_during_training_leave_the_run_unchanged_and_show_one_sample(bigram, corpus, run, tmp_path):
+    """Defect: --sample_every made num_samples samples and showed one."""
+    assert run(bigram, "--data", corpus, out_dir=tmp_path / "quiet")[0] == 0
+    calls, real = [], bigram.generate
+    bigram.generate = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    try:
+        code, out, err = run(bigram, "--data", corpus, "--sample_every", "10", "--prompt", "ROMEO",
+                             "--num_samples", "2", out_dir=tmp_path / "chatty")
+    finally:
+        bigram.generate = real
+    assert code == 0, err
+    assert calls == [200, 200, 200, 30, 30]                        # steps 0, 10, 20; then the two at the end
+    assert out.count("\nROMEO") >= 4
+    assert losses_of(tmp_path / "quiet") == losses_of(tmp_path / "chatty")
+
+
+def test_full_evaluation_can_be_capped_and_says_so(bigram, corpus, run, tmp_path):
+    code, out, err = run(bigram, "--data", corpus, "--max_eval_chars", "100")
+    assert code == 0, err
+    assert "(100 characters, the first 100 of " in out and run.metrics(bigram)["val_chars"] == 100
+    code, out, err = run(bigram, "--evaluate", corpus, "--max_eval_chars", "50", tiny=False,
+                         out_dir=tmp_path / "out" / "bigram")
+    assert code == 0, err
+    assert "50 characters scored (the first 50 of " in out
+
+
+def test_help_shows_every_setting_s_whole_comment_without_lesson_markers(capsys):
+    """Defect: --help cut comments that ran over several lines, and showed markers like NEW (b)."""
+    for stage_name in STAGES:
+        stage = load_stage(stage_name)
+        with pytest.raises(SystemExit):
+            stage.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())           # argparse wraps the lines
+        assert not re.search(r"\bNEW\b", text)                     # (MAX_NEW_TOKENS is no marker)
+        notes = harness.setting_notes(stage)
+        assert set(notes) == set(stage.HYPERPARAMETERS) | set(stage.SETTINGS) and all(notes.values())
+        for note in notes.values():
+            assert " ".join(note.replace("%", "%%").split()) in text.replace("%", "%%"), note
+    assert "context length; a bigram reads only the last character, so here it only sets how many " \
+           "predictions each sequence gives per step" in harness.setting_notes(load_stage("bigram"))["block_size"]
+
+
+# ---- Ctrl-C and resume ----
+
+# learning rates at which each stage's validation loss falls to a best at step 20, then rises
+RISING_LR = {"bigram": "3", "gpt": "1"}
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """Each stage's run that never stopped, made once for all the places it is stopped at."""
+    return {"folder": tmp_path_factory.mktemp("unbroken")}
+
+
+@pytest.mark.parametrize("stage_name, stop, extra", [
+    ("bigram", 7, []), ("bigram", 20, []), ("bigram", 22, []), ("bigram", 26, []),
+    ("gpt", 13, ["--dropout", "0.1"]), ("gpt", 20, ["--dropout", "0.1"])])
+def test_resume_after_ctrl_c_at_any_step_ends_as_an_unbroken_run(stage_name, stop, extra, corpus, run, tmp_path,
+                                                                   monkeypatch, unbroken):
+    """Defect this guards against: an interrupted run's extra evaluation became the best model,
+    so the resumed run kept another step than the run that never stopped. This run's validation
+    loss rises as well as falls, and Ctrl-C comes between evaluations as well as at one. gpt.py
+    adds dropout's random numbers and the learning-rate schedule."""
+    stage = load_stage(stage_name)
+    whole, broken = unbroken["folder"] / stage_name, tmp_path / "broken"
+    rising = ["--learning_rate", RISING_LR[stage_name], "--max_iters", "30", "--eval_interval", "10", *extra]
+    if not whole.exists():
+        assert run(stage, "--data", corpus, *rising, out_dir=whole)[0] == 0
+    val = [row[2] for row in losses_of(whole)]
+    assert any(b > a for a, b in zip(val, val[1:])) and min(val) != val[-1]   # it rises: a real test
+    ctrl_c_during_step(stage, monkeypatch, stop)
+    code, out, err = run(stage, "--data", corpus, *rising, out_dir=broken)
+    monkeypatch.undo()
+    assert code == 130 and err == "", err                          # stopped cleanly: no error line
+    assert f"interrupted at step {stop}" in out and run.metrics(stage, broken)["interrupted"]
+    assert [row[0] for row in losses_of(broken)] == [s for s in (0, 10, 20) if s <= stop]   # scheduled only
+    assert torch.load(broken / "last.pt", weights_only=True)["step"] == stop
+    code, out, err = run(stage, "--data", corpus, "--resume", "--max_new_tokens", "30", tiny=False, out_dir=broken)
+    assert code == 0, err
+    assert f"resuming from {broken / 'last.pt'} at step {stop}" in out
+    assert losses_of(broken) == losses_of(whole)
+    same = ("best_step", "train_loss", "val_loss", "val_loss_estimate", "iters", "interrupted", "sample")
+    assert {k: run.metrics(stage, broken)[k] for k in same} == {k: run.metrics(stage, whole)[k] for k in same}
+    for a, b in ((weights(broken / "ckpt.pt"), weights(whole / "ckpt.pt")),
+                 (weights(broken / "last.pt"), weights(whole / "last.pt"))):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_quits_at_once_and_damages_nothing(bigram, corpus, run, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out" / "bigram"
+    ctrl_c_during_step(bigram, monkeypatch, 12, presses=2)         # the second while the first still waits
+    code, out, err = run(bigram, "--data", corpus, "--max_iters", "30", "--eval_interval", "1")
+    assert code == 130 and err.strip() == "bigram.py: interrupted"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "last.pt", "log.csv"]   # no temp files
+    assert harness.load_checkpoint(bigram, str(out_dir / "last.pt"), resume=True)["step"] == 11
+
+
+def test_ctrl_c_while_starting_up_is_one_line_and_writes_nothing(bigram, corpus, run, tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt                                    # what the default handler raises
+    monkeypatch.setattr(bigram, "read_text", interrupted)
+    code, out, err = run(bigram, "--data", corpus)
+    assert code == 130 and err.strip() == "bigram.py: interrupted"
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_keeps_the_run_s_settings(bigram, corpus, run, tmp_path):
+    out_dir = tmp_path / "out" / "bigram"
+    assert run(bigram, "--data", corpus, "--max_iters", "20")[0] == 0
+    code, out, err = run(bigram, "--data", corpus, "--resume", "--max_iters", "30", tiny=False, out_dir=out_dir)
+    assert code == 0, err                                          # the tiny settings: from the checkpoint
+    assert "resuming from" in out and run.metrics(bigram)["iters"] == 30 and run.metrics(bigram)["block_size"] == 16
+    code, _, err = run(bigram, "--data", corpus, "--resume", "--batch_size", "8", tiny=False, out_dir=out_dir)
+    assert code == 1 and err.count("\n") == 1
+    assert "--batch_size 8 differs from" in err and "keeps its settings but for max_iters" in err
+
+
+def test_resuming_with_more_steps_runs_the_extra_ones_at_min_lr(gpt, run, corpus, tmp_path, monkeypatch):
+    """The schedule keeps the length the run was started with: no jump back up from min_lr."""
+    assert run(gpt, "--data", corpus)[0] == 0                      # 20 steps, its cosine ends at min_lr
+    rates, real = [], gpt.get_lr
+    monkeypatch.setattr(gpt, "get_lr", lambda step, args: rates.append((step, real(step, args))) or rates[-1][1])
+    code, _, err = run(gpt, "--data", corpus, "--resume", "--max_iters", "30", tiny=False,
+                       out_dir=tmp_path / "out" / "gpt")
+    assert code == 0, err
+    assert sorted({step for step, _ in rates}) == list(range(20, 30))   # (once per group of weights)
+    assert all(lr == pytest.approx(gpt.LAPTOP["min_lr"]) for _, lr in rates)
+
+
+def test_best_checkpoint_is_never_replaced_by_a_worse_one(bigram, corpus, run, tmp_path):
+    assert run(bigram, "--data", corpus, "--learning_rate", "3", "--max_iters", "40", "--eval_interval", "5")[0] == 0
+    log = read_log(tmp_path / "out" / "bigram" / "log.csv")
+    checkpoint = torch.load(tmp_path / "out" / "bigram" / "ckpt.pt", weights_only=True)
+    best = min(log, key=lambda row: row["val_loss"])
+    assert checkpoint["step"] == best["step"] and checkpoint["val_loss"] == best["val_loss"]
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = "; ".join(f"import {stage}" for stage in STAGES) + "; import signal; " \
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+                   cwd=tmp_path, check=True, timeout=60)
+    assert list(tmp_path.iterdir()) == []                          # nothing downloaded or written
+
+
+def test_main_leaves_the_caller_s_handler_and_flags_as_they_were(bigram, corpus, run):
+    handler, tf32 = signal.getsignal(signal.SIGINT), torch.backends.cuda.matmul.allow_tf32
+    assert run(bigram, "--data", corpus)[0] == 0
+    assert signal.getsignal(signal.SIGINT) is handler and torch.backends.cuda.matmul.allow_tf32 == tf32
+
+
+def test_nothing_to_resume_says_so(bigram, corpus, run, tmp_path):
+    code, _, err = run(bigram, "--data", corpus, "--resume", out_dir=tmp_path / "empty")
+    assert code == 1 and err.count("\n") == 1 and "nothing to resume" in err
+
+
+# ---- the earlier run, set aside ----
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_new_run_sets_the_earlier_run_aside_all_together_at_its_first_save(bigram, corpus, run, tmp_path,
+                                                                              monkeypatch):
+    out_dir = tmp_path / "out" / "bigram"
+    assert run(bigram, "--data", corpus)[0] == 0
+    first = snapshot(out_dir)
+    # a new run stopped while it starts, before it saves anything: the earlier run is untouched
+    monkeypatch.setattr(bigram, "estimate_loss", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run(bigram, "--data", corpus, "--seed", "7")[0] == 130
+    monkeypatch.undo()
+    assert snapshot(out_dir) == first
+    code, out, err = run(bigram, "--data", corpus, "--seed", "7")
+    assert code == 0, err
+    assert f"the earlier run's files in {out_dir} are now in {out_dir / 'previous-1'}" in out
+    assert snapshot(out_dir / "previous-1") == first and (out_dir / "ckpt.pt").read_bytes() != first["ckpt.pt"]
+
+
+def test_no_earlier_run_is_ever_deleted_by_a_later_one(bigram, corpus, run, tmp_path, monkeypatch):
+    """Defect: run A finished; run B was stopped by Ctrl-C; run C started: A's model was deleted,
+    and previous/ held B. Now every earlier run keeps a folder of its own."""
+    out_dir = tmp_path / "out" / "bigram"
+    assert run(bigram, "--data", corpus)[0] == 0                   # A
+    a = snapshot(out_dir)
+    ctrl_c_during_step(bigram, monkeypatch, 15)
+    assert run(bigram, "--data", corpus, "--seed", "2")[0] == 130  # B, interrupted
+    monkeypatch.undo()
+    b = snapshot(out_dir)
+    code, _, err = run(bigram, "--data", corpus, "--learning_rate", "1e20")   # C: diverges
+    assert "diverged" in err
+    c = snapshot(out_dir)
+    assert run(bigram, "--data", corpus, "--seed", "3")[0] == 0    # D
+    assert [snapshot(out_dir / f"previous-{n}") for n in (1, 2, 3)] == [a, b, c]
+    assert sorted(b) == ["ckpt.pt", "last.pt", "log.csv", "metrics.json"] and sorted(c) == ["ckpt.pt", "last.pt",
+                                                                                            "log.csv"]
+
+
+def test_a_crash_while_setting_aside_is_undone_and_resume_finds_the_earlier_run(bigram, corpus, run, tmp_path,
+                                                                              monkeypatch):
+    out_dir = tmp_path / "out" / "bigram"
+    assert run(bigram, "--data", corpus, "--max_iters", "20")[0] == 0
+    first = snapshot(out_dir)
+    real_replace, moves = os.replace, [0]
+
+    def crash_after_two_moves(src, dst):                           # a kill -9 half way through the move
+        moves[0] += 1
+        if moves[0] == 3:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(harness.os, "replace", crash_after_two_moves)
+    assert run(bigram, "--data", corpus, "--seed", "7")[0] == 130
+    monkeypatch.undo()
+    assert [p.name for p in out_dir.iterdir() if p.name.startswith(".previous-")]   # half done
+    code, out, err = run(bigram, "--data", corpus, "--resume", "--max_iters", "30", tiny=False, out_dir=out_dir)
+    assert code == 0, err
+    assert "at step 20" in out and not [p for p in out_dir.iterdir() if p.name.startswith(".")]
+    assert not (out_dir / "previous-1").exists() and len(first) == 4
+
+
+# ---- gpt.py's presets ----
+
+@pytest.mark.parametrize("bf16, dtype, preset", [(True, None, "laptop"), (False, None, "laptop-float32"),
+                                                 (True, "float32", "laptop-float32")])
+def test_without_a_gpu_the_preset_follows_the_precision_and_says_what_it_applies(gpt, bf16, dtype, preset,
+                                                                                 capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    argv = ["--n_layer", "3", "--out_dir", str(tmp_path / "out")] + (["--dtype", dtype] if dtype else [])
+    args = harness.parse_args(gpt, argv)
+    harness.configure(gpt, args, torch.device("cpu"))
+    harness.unlock(args.out_dir)
+    said = capsys.readouterr().out
+    assert f"no CUDA GPU: preset {preset}, about 5 minutes on 2 CPU cores in " in said
+    assert f"full configuration): batch_size {gpt.PRESETS[preset]['batch_size']}, " in said
+    assert "n_layer" not in said                                   # the command line's, not the preset's
+    assert (args.preset, args.n_layer, args.max_iters) == (preset, 3, gpt.PRESETS[preset]["max_iters"])
+
+
+def test_a_gpu_takes_the_full_configuration(gpt, no_tf32):         # configure() turns TF32 on
+    args = harness.parse_args(gpt, ["--sample"])
+    harness.configure(gpt, args, torch.device("cuda"))
+    assert (args.n_embd, args.preset) == (gpt.HYPERPARAMETERS["n_embd"], "full") == (384, "full")
+
+
+def test_context_of_one_character(gpt, run, corpus):
+    code, out, err = run(gpt, "--data", corpus, "--block_size", "1")
+    assert code == 0, err
+
+
+# ---- in a notebook ----
+
+def test_the_readme_s_lines_for_a_notebook_run_as_written(corpus, run, tmp_path, monkeypatch):
+    """After python gpt.py (here tiny, into out/gpt of a scratch folder): load, sample, attention."""
+    gpt = load_stage("gpt")
+    monkeypatch.chdir(tmp_path)
+    corpus.write_text(corpus.read_text() + "\nROMEO:\nWhat light through yonder window breaks?\n")
+    assert run(gpt, "--data", corpus, "--block_size", "32", out_dir="out/gpt")[0] == 0
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "harness.load(gpt)" in block
+    printed = []
+    namespace = {"print": printed.append}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert printed and printed[0].startswith("ROMEO:")
+    layers = namespace["weights"]
+    assert len(layers) == 2 and layers[0].shape[0] == 2           # two layers of two heads, tiny
+    T = layers[0].shape[-1]
+    assert torch.allclose(layers[0].sum(-1), torch.ones(2, T), atol=1e-5)
