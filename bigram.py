@@ -7,9 +7,11 @@ stage must beat. Full validation loss on tiny Shakespeare: about 2.49 nats per c
 
 This file is its lesson, whole: its own tokenizer, batches, model and training loop, read from
 the top. Each stage re-declares them and imports nothing from another, so that `diff` of two
-consecutive stages shows one step. What makes a lesson a program you can rely on (the command
-line, checkpoints, resume, Ctrl-C, one-line errors) is harness.py, written once for all four:
-with harness.py beside it, a stage runs alone. To take one elsewhere, copy it with harness.py.
+consecutive stages shows what the later one adds. What makes a lesson a program you can rely on
+(the command line, checkpoints in out/<stage>, resume, Ctrl-C, one-line errors) is harness.py,
+written once for all four: with harness.py beside it, a stage runs alone. To take one
+elsewhere, copy it with harness.py. The full validation loss scores every character of the
+validation split once, at the end; the estimates during training are cheaper.
 """
 import sys
 
@@ -25,11 +27,11 @@ from torch.nn import functional as F
 HYPERPARAMETERS = dict(
     batch_size=32,          # independent sequences trained on in parallel
     block_size=64,          # context length; a bigram reads only the last character, so here
-                            # it only sets how many predictions each sequence gives per step
+                            # it sets only how many predictions each sequence gives (lecture: 8)
     max_iters=3000,         # training steps
-    eval_interval=500,      # steps between loss estimates
-    eval_iters=100,         # batches averaged in each estimate
-    learning_rate=3e-2,     # a lookup table, no deep layers: a large step is safe
+    eval_interval=500,      # steps between loss estimates (the lecture's bigram: 300)
+    eval_iters=100,         # batches averaged in each estimate (the lecture: 200)
+    learning_rate=3e-2,     # a lookup table, no deep layers: a large step is safe (lecture: 1e-2)
 )
 # The other settings the lesson reads, options too, e.g. --seed 7
 SETTINGS = dict(
@@ -87,8 +89,9 @@ def get_batch(data, args, device, generator=None):
 @torch.no_grad()
 def estimate_loss(model, splits, args, device):
     """Mean loss over eval_iters batches of each split: cheap, and a little noisy. The batches
-    come from a generator of their own, the same ones at every evaluation: the estimates compare
-    models on the same text, and the training run's own random numbers are left alone."""
+    come from a generator of their own, the same ones at every evaluation (the lecture draws new
+    ones): the estimates compare models on the same text, and the run's random numbers are left
+    alone, which keeps a resumed run exact."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()                                            # evaluation mode: no dropout
     out = {}
@@ -127,7 +130,7 @@ class BigramLanguageModel(nn.Module):
 
 def make_model(vocab_size, args):
     """The model, from the hyperparameters."""
-    return BigramLanguageModel(vocab_size)                  # a table: the vocabulary is all
+    return BigramLanguageModel(vocab_size)                  # a table needs only the vocabulary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +161,8 @@ def sample_next(logits, args, generator):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, args, generator=None, on_token=None):
     """Extend idx, (B, T) token ids, by max_new_tokens tokens, each drawn from the model's odds
-    for what follows the ones before it. on_token, if given, sees each new (B, 1) as it comes."""
+    for what follows the ones before it. on_token, if given, sees each new (B, 1) as it comes.
+    (A function, where the lecture's is a method of the model: every stage's has its own.)"""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -args.block_size:])       # (B, T, vocab), T <= block_size
         next_id = sample_next(logits[:, -1, :], args, generator)  # (B, 1), from the last
@@ -187,13 +191,13 @@ def train(args, device):
         if step == args.max_iters or run.interrupted:       # interrupted: by a Ctrl-C
             break
         xb, yb = get_batch(train_data, args, device)
-        with autocast(device, args.dtype):                  # the matrix products in bfloat16, if
-            logits, loss = model(xb, yb)                    # args.dtype says so: mixed precision
+        with autocast(device, args.dtype):  # args.dtype is what "auto" became here: with
+            logits, loss = model(xb, yb)    # "bfloat16", the matrix products run in it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.stepped(step + 1, loss)                         # progress; a loss that is not a number
-    return run.finish()                 # the best model's full validation loss, a sample, metrics
+        run.stepped(step + 1, loss)         # progress; a loss that is not a number stops the run
+    return run.finish()                 # the best model's full loss and a sample; its metrics
 
 
 def main(argv=None):

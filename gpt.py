@@ -8,9 +8,11 @@ heads. About 1.45 on a GPU; on 2 CPU cores, LAPTOP below: 1.53 (bfloat16), 1.67 
 
 This file is its lesson, whole: its own tokenizer, batches, model and training loop, read from
 the top. Each stage re-declares them and imports nothing from another, so that `diff` of two
-consecutive stages shows one step. What makes a lesson a program you can rely on (the command
-line, checkpoints, resume, Ctrl-C, one-line errors) is harness.py, written once for all four:
-with harness.py beside it, a stage runs alone. To take one elsewhere, copy it with harness.py.
+consecutive stages shows what the later one adds. What makes a lesson a program you can rely on
+(the command line, checkpoints in out/<stage>, resume, Ctrl-C, one-line errors) is harness.py,
+written once for all four: with harness.py beside it, a stage runs alone. To take one
+elsewhere, copy it with harness.py. The full validation loss scores every character of the
+validation split once, at the end; the estimates during training are cheaper.
 """
 import math
 import sys
@@ -27,22 +29,23 @@ from torch.nn import functional as F
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500
 # (d): the full configuration, the lecture's, made for a GPU: 10.8 M parameters
 HYPERPARAMETERS = dict(
-    batch_size=64,          # independent sequences trained on in parallel
+    batch_size=64,          # independent sequences trained on in parallel (lecture: 32; gpt.py 64)
     block_size=256,         # context length: 256 characters are a few lines of verse
     max_iters=2000,         # training steps; the best model is kept (the lecture: 5000)
-    eval_interval=250,      # steps between loss estimates
-    eval_iters=50,          # batches averaged in each estimate
+    eval_interval=250,      # steps between loss estimates (the lecture: 500)
+    eval_iters=50,          # batches averaged in each estimate (the lecture: 200)
     learning_rate=1e-3,     # the peak, after warmup (e); the lecture: 3e-4 throughout
-    n_embd=384,             # NEW (stage 2): width of the vectors for characters and positions
+    n_embd=384,             # NEW (stage 2): character and position vectors' width
     n_head=6,               # NEW (stage 3): heads of attention, each n_embd // n_head wide
     n_layer=6,              # NEW (b): transformer blocks, one after the other
     dropout=0.2,            # NEW (d): 10 M parameters memorise 1 M characters without it
-    weight_decay=0.1,       # NEW (e): AdamW's pull of the weight matrices towards zero
+    weight_decay=0.1,       # NEW (e): on the matrices only (stages 1-3: AdamW's 0.01, on all)
     warmup_iters=100,       # NEW (e): steps of linear warmup while Adam's statistics settle
     min_lr=1e-4,            # NEW (e): the learning rate that the cosine decay ends at
     grad_clip=1.0,          # NEW (e): gradient norms above this are scaled down to it
 )
-# No CUDA GPU (a step above: 10 s on 2 cores): LAPTOP where bfloat16 is fast, else LAPTOP_FLOAT32
+# No CUDA GPU (a step of the above: 10 s on 2 cores)? gpt.py picks LAPTOP where bfloat16 is fast
+# (AVX-512 BF16, AMX), else LAPTOP_FLOAT32, and says so. No dropout: 0.8 M parameters don't overfit
 LAPTOP = dict(batch_size=32, block_size=128, max_iters=2400, eval_interval=400, eval_iters=25,
               learning_rate=3e-3, n_embd=128, n_head=4, n_layer=4, dropout=0.0, min_lr=3e-4)
 LAPTOP_FLOAT32 = dict(LAPTOP, batch_size=16, max_iters=1600, eval_interval=200,
@@ -104,8 +107,9 @@ def get_batch(data, args, device, generator=None):
 @torch.no_grad()
 def estimate_loss(model, splits, args, device):
     """Mean loss over eval_iters batches of each split: cheap, and a little noisy. The batches
-    come from a generator of their own, the same ones at every evaluation: the estimates compare
-    models on the same text, and the training run's own random numbers are left alone."""
+    come from a generator of their own, the same ones at every evaluation (the lecture draws new
+    ones): the estimates compare models on the same text, and the run's random numbers are left
+    alone, which keeps a resumed run exact."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()                                            # evaluation mode: no dropout
     out = {}
@@ -122,20 +126,19 @@ def estimate_loss(model, splits, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: stage 3's attention, with dropout (d), then the lecture's steps (a) to (d)
+# The model: stage 3's Head and MultiHeadAttention with dropout (d), kept to read and for the
+# test that (g), which the blocks run, computes the same; then the lecture's steps (a) to (d)
 
 class Head(nn.Module):
-    """NEW (stage 2): one head of causal self-attention. Each position asks a question (its
-    query), every position holds up a label (its key), and the better a key matches the query,
-    the larger the share of that position's value in what comes back: a weighted average."""
+    """NEW (stage 2): one head of causal self-attention. Each position asks a question (a query);
+    those so far hold up labels (keys); it takes their values, weighted by how well they match."""
 
     def __init__(self, n_embd, head_size, block_size, dropout):
         super().__init__()
         self.key = nn.Linear(n_embd, head_size, bias=False)  # what a position offers
         self.query = nn.Linear(n_embd, head_size, bias=False)  # what a position looks for
         self.value = nn.Linear(n_embd, head_size, bias=False)  # what it passes on
-        # lower-triangular ones: position t may look at positions 0..t, never at the future.
-        # A buffer, not a parameter: saved with the model, never trained.
+        # ones on and below the diagonal: position t sees 0..t, never the future (a buffer: saved)
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
         self.dropout = nn.Dropout(dropout)                  # NEW (d)
 
@@ -157,7 +160,7 @@ class Head(nn.Module):
 class MultiHeadAttention(nn.Module):
     """NEW (stage 3): n_head heads side by side, each n_embd // n_head wide, each free to follow
     something else (the last vowel, the start of the word, the speaker). A projection mixes what
-    they found; the lecture adds it later, with the residual connections."""
+    they found (the lecture brings it in with the residual blocks, gpt.py's (b))."""
 
     def __init__(self, n_embd, n_head, block_size, dropout):
         super().__init__()
@@ -175,12 +178,12 @@ class MultiHeadAttention(nn.Module):
 # (a) feed-forward ----------------------------------------------------------------------------
 class FeedForward(nn.Module):
     """NEW (a): after the positions have talked (attention), each thinks on its own: two layers,
-    4 times wider inside. The lecture's is 1x wide at first, 4x from (b) on, and uses ReLU."""
+    4 times wider inside. The lecture's is one layer with ReLU at first, and like this from (b)."""
 
     def __init__(self, n_embd, dropout):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd)
-        self.gelu = nn.GELU()                               # a smooth ReLU (GPT-2: its tanh form)
+        self.gelu = nn.GELU()                               # a smooth ReLU (GPT-2: a tanh fit)
         self.proj = nn.Linear(4 * n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)                  # NEW (d)
 
@@ -216,9 +219,9 @@ class GPT(nn.Module):
         super().__init__()
         self.token_embedding_table = nn.Embedding(vocab_size, n_embd)  # which character
         self.position_embedding_table = nn.Embedding(block_size, n_embd)  # where it stands
-        self.dropout = nn.Dropout(dropout)                  # NEW (d)
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, block_size, dropout)  # NEW (b)
-                                     for _ in range(n_layer)])
+        self.dropout = nn.Dropout(dropout)                  # NEW (d): as nanoGPT, not the lecture
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, block_size, dropout)  # NEW (b); a list,
+                                     for _ in range(n_layer)])  # not nn.Sequential: caches (f)
         self.ln_f = nn.LayerNorm(n_embd)                    # NEW (c): one more, at the end
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # NEW (e): no bias, as GPT-2
         # NEW (e): weight tying (GPT-2): reading a character in and writing one out share a matrix
@@ -234,7 +237,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, caches=None):
         T = idx.shape[1]
-        past = caches[0]["k"].shape[2] if caches and "k" in caches[0] else 0  # NEW (f): cached
+        past = caches[0]["k"].shape[2] if caches and caches[0] else 0  # NEW (f): positions cached
         tok_emb = self.token_embedding_table(idx)           # (B, T) -> (B, T, C)
         pos_emb = self.position_embedding_table(torch.arange(past, past + T, device=idx.device))
         x = self.dropout(tok_emb + pos_emb)                 # (B, T, C)
@@ -254,7 +257,7 @@ def make_model(vocab_size, args):
 
 # NEW (e): GPT-2's and GPT-3's training recipe, as nanoGPT has it (init and tying: above) -----
 def make_optimizer(model, args, device):
-    """AdamW with weight decay (GPT-3's 0.1) on the matrices, the tied embedding too, not on the
+    """AdamW with weight decay (GPT-3's 0.1) on the matrices, both embeddings too, but not on the
     biases and layer norms, as in nanoGPT, whose shakespeare_char takes beta2 0.99 (GPT-3: 0.95)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -265,9 +268,9 @@ def make_optimizer(model, args, device):
 
 
 def get_lr(step, args):
-    """Linear warmup, then a cosine decay to min_lr at the planned end (a resumed run's extra
-    steps run at min_lr). The lecture keeps 3e-4 and reaches 1.48 in 5000 steps; here nanoGPT's
-    schedule peaks 3x higher and reaches 1.45 in 2000, with small steps at first and at the end."""
+    """Warmup, then a cosine decay to min_lr at args.planned_iters (a resumed run's first max_iters,
+    harness.py: more steps get min_lr). The lecture keeps 3e-4 and reports 1.48 after 5000 steps;
+    here nanoGPT's schedule peaks 3x higher and reaches 1.45 in 2000, with small first steps."""
     if step < args.warmup_iters:
         return args.learning_rate * (step + 1) / args.warmup_iters
     progress = min(1.0, (step - args.warmup_iters) / max(1, args.planned_iters - args.warmup_iters))
@@ -380,7 +383,7 @@ def train(args, device):
     # What the lecture's loop did not do (harness.py): check the text, resume a stopped run,
     # save the best model and the state to resume from at each evaluation, watch for Ctrl-C
     run = TrainingRun(args, device, model, optimizer, tokenizer, train_data, val_data)
-    training_model = run.for_training(model)  # the model; under torchrun, its gradients shared
+    training_model = run.for_training(model)  # under torchrun: wrapped to average the gradients
     for step in range(run.first_step, args.max_iters + 1):  # first_step: 0, unless resuming
         if step % args.eval_interval == 0 or step == args.max_iters:
             losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device)
@@ -390,15 +393,15 @@ def train(args, device):
         for group in optimizer.param_groups:                # NEW (e): warmup, then decay
             group["lr"] = get_lr(step, args)
         xb, yb = get_batch(train_data, args, device)
-        with autocast(device, args.dtype):                  # the matrix products in bfloat16, if
-            logits, loss = training_model(xb, yb)           # args.dtype says so: mixed precision
+        with autocast(device, args.dtype):  # args.dtype is what "auto" became here: with
+            logits, loss = training_model(xb, yb)  # "bfloat16", the matrix products run in it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:                              # NEW (e): a rare huge gradient
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # is scaled down
         optimizer.step()
-        run.stepped(step + 1, loss)                         # progress; a loss that is not a number
-    return run.finish()                 # the best model's full validation loss, a sample, metrics
+        run.stepped(step + 1, loss)         # progress; a loss that is not a number stops the run
+    return run.finish()                 # the best model's full loss and a sample; its metrics
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ CharTokenizer, make_model, train, generate, and gpt.py's PRESETS). In a notebook
 import argparse
 import contextlib
 import csv
+import errno
 import hashlib
 import http.client
 import io
@@ -26,16 +27,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-# A stage beside this file is starting (python bigram.py), and it imports this file first: a
-# Ctrl-C while PyTorch loads, for seconds, then just ends the process. A notebook is left alone.
+# A script beside this file is starting (python bigram.py) and imports it first: a Ctrl-C while
+# PyTorch loads, for seconds, just ends the process; then Ctrl-C is Python's again. A notebook's
+# import is left alone.
 _script = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "/")
-if os.path.dirname(_script) == os.path.dirname(os.path.abspath(__file__)):
+_starting = os.path.dirname(_script) == os.path.dirname(os.path.abspath(__file__))
+if _starting:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np  # noqa: E402  (after the Ctrl-C line above)
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+if _starting:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:
     import fcntl                                            # the lock: Linux, macOS
@@ -88,8 +94,10 @@ def run_command_line(stage, argv=None):
     except (MemoryError, RuntimeError) as e:                # RuntimeError: only the allocators'
         if not isinstance(e, MemoryError) and not re.search("alloc|out of memory", str(e)):
             raise
+        args.own_errors = True                              # this process's own, whenever it came
         return fail(args, "out of memory: try a smaller --batch_size, --block_size or model")
     except OSError as e:                                    # a file that vanished or is locked...
+        args.own_errors = True
         return fail(args, f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     except KeyboardInterrupt:
         return fail(args, "interrupted", code=130)
@@ -106,7 +114,8 @@ def run_command_line(stage, argv=None):
 
 def fail(args, message, code=1):
     """One line on stderr. Under torchrun rank 0 speaks for all while they check the same settings
-    and data; while they join, and once training has started, each speaks for itself."""
+    and data; while they join, once training has started, and for its own memory or files, each
+    process speaks for itself."""
     if rank() == 0 or (args.own_errors and code != 130):
         who = f"rank {rank()}: " if rank() > 0 else ""
         print(f"{args.prog}: {'error: ' * (code == 1)}{who}{message}", file=sys.stderr)
@@ -210,7 +219,8 @@ def configure(stage, args, device):
     for key, value in {**stage.SETTINGS, **stage.HYPERPARAMETERS, **overrides}.items():
         if key not in args.given:
             setattr(args, key, value)
-    check_settings(stage, vars(args))
+    if training:                                            # else the checkpoint's: saved_model()
+        check_settings(stage, vars(args))
     for key, lowest in (("num_samples", 1), ("max_eval_chars", 1), ("max_new_tokens", 0),
                         ("sample_every", 0)):
         at_least(key, getattr(args, key), lowest)
@@ -230,8 +240,10 @@ def check_settings(stage, values):
         value, kind = values.get(key), type(default)
         if type(value) is not kind and not (kind is float and type(value) is int):
             raise CLIError(f"--{key} must be {kind.__name__}, not {value!r}")
-        if kind is int and key != "seed":
-            at_least(key, value, 0 if key in ("warmup_iters", "top_k") else 1)
+        if kind is int:
+            at_least(key, value, 0 if key in ("warmup_iters", "top_k", "seed") else 1)
+        if key == "seed" and value >= 2 ** 63:
+            raise CLIError(f"--seed must be below 2**63, not {value}")
         if key == "learning_rate" and not 0 < value < 1e30:   # beyond that, float32 overflows
             raise CLIError(f"--learning_rate must be positive, and below 1e30, not {value}")
         if kind is float and not 0 <= value < 1e30:
@@ -541,21 +553,25 @@ def lock(out_dir):
     while not os.path.isdir(folder):                        # the folders made here: unlock()
         made.insert(0, folder)                              # removes them if they stay empty
         folder = os.path.dirname(folder)
+    held = False
     try:
         os.makedirs(out_dir, exist_ok=True)
-        while fd is None:
+        while not held:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else \
                     msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            except OSError:                                 # held: by whom, if it can tell
+            except OSError as e:                            # held: by whom, if it can tell
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+                    raise
                 holder = os.read(fd, 20).decode(errors="replace").strip() if fcntl else ""
                 fd = os.close(fd)
                 raise CLIError(f"{out_dir} is in use by another run" + (f" (process {holder})"
                                if holder.isdigit() else "") + ": wait, or use another --out_dir")
-            if fcntl and not (os.path.exists(path) and
-                              os.path.samestat(os.fstat(fd), os.stat(path))):
-                fd = os.close(fd)                           # the run before removed it: again
+            with contextlib.suppress(FileNotFoundError):
+                held = not fcntl or os.path.samestat(os.fstat(fd), os.stat(path))
+            if not held:                                    # the run before removed it: again
+                fd = os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         LOCKS[os.path.abspath(out_dir)], fd = (fd, made), None
@@ -570,17 +586,25 @@ def lock(out_dir):
     except OSError as e:
         raise CLIError(f"cannot write to {out_dir}: {e.strerror or e}")
     finally:
-        if os.path.abspath(out_dir) not in LOCKS:
-            unlock(out_dir, fd, made)
+        if os.path.abspath(out_dir) not in LOCKS:           # refused, or failed: let go
+            unlock(out_dir, fd if held else None, made)
+            if fd is not None and not held:
+                os.close(fd)
 
 
 def unlock(out_dir, fd=None, made=()):
+    """Let go of out_dir's lock, which this process holds, and remove the folders lock() made if
+    they are still empty."""
     fd, made = LOCKS.pop(os.path.abspath(out_dir), (fd, made))
+    path = os.path.join(out_dir, "run.lock")
     if fd is not None:
         if fcntl:                                           # removed while still held: a run
             with contextlib.suppress(OSError):              # that opened it before sees it gone
-                os.unlink(os.path.join(out_dir, "run.lock"))
+                os.unlink(path)
         os.close(fd)
+        if not fcntl:                                       # Windows removes no open file
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     for folder in reversed(made):                           # a run that saved nothing leaves
         with contextlib.suppress(OSError):                  # no empty folder behind
             os.rmdir(folder)
@@ -598,6 +622,7 @@ def set_aside(out_dir):
     target = os.path.join(out_dir, f"previous-{max(taken, default=0) + 1}")
     try:
         staging = tempfile.mkdtemp(dir=out_dir, prefix=".previous-")
+        os.chmod(staging, 0o755)                            # mkdtemp's folders are private
         for name in names:
             os.replace(os.path.join(out_dir, name), os.path.join(staging, name))
         os.rename(staging, target)
@@ -661,37 +686,43 @@ def load_checkpoint(stage, path, resume=False):
 
 def saved_model(stage, args, device):
     """The model of out_dir/ckpt.pt (the best of its run), on device, and its tokenizer. Its
-    hyperparameters replace those in args but for the ones the command line gave: --batch_size,
-    say, to score in less memory. A given one that changes the model is refused."""
+    hyperparameters replace those in args, but for --batch_size, which may differ, to score in
+    less memory; another given one that differs is refused: it would make another model."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     checkpoint = load_checkpoint(stage, path)
-    for key in stage.HYPERPARAMETERS:
-        if key not in args.given:
-            setattr(args, key, checkpoint["config"][key])
+    for key, value in checkpoint["config"].items():
+        if key in stage.HYPERPARAMETERS and key in args.given and getattr(args, key) != value \
+                and key != "batch_size":
+            raise CLIError(f"--{key} {getattr(args, key)}: the saved model was trained with "
+                           f"--{key} {value}; leave it out, or train another")
+        if key in stage.HYPERPARAMETERS and key not in args.given:
+            setattr(args, key, value)
+    check_settings(stage, vars(args))
     tokenizer = stage.CharTokenizer(checkpoint["vocab"])
     model = stage.make_model(tokenizer.vocab_size, args)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
-        changed = [f"--{key} {getattr(args, key)}" for key in stage.HYPERPARAMETERS
-                   if key in args.given and getattr(args, key) != checkpoint["config"][key]]
-        raise CLIError(f"the saved model's weights do not fit {', '.join(changed)}: leave it out"
-                       if changed else f"{path} is damaged: its weights do not fit its own model")
+        raise CLIError(f"{path} is damaged: its weights do not fit its own model")
     return model.to(device), tokenizer
 
 
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict, made strict: PyTorch's takes moments of the wrong shape and
     groups without their settings, and fails later, in a step (fused AdamW once crashed)."""
-    settings = set(optimizer.state_dict()["param_groups"][0])
+    settings, numbers = set(optimizer.state_dict()["param_groups"][0]), (int, float)
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
-        if settings - set(group):
+        betas = group.get("betas")
+        if settings - set(group) or not all(type(group[k]) in numbers for k in
+                                            ("lr", "eps", "weight_decay")) or not (
+                isinstance(betas, (tuple, list)) and [type(b) in numbers for b in betas] == [1, 1]):
             raise ValueError("a group of parameters without its settings")
         for p in group["params"]:
-            moments = optimizer.state.get(p, {})
-            shapes = {m.shape for m in moments.values() if torch.is_tensor(m) and m.dim() > 0}
-            if moments and ("step" not in moments or shapes - {p.shape}):
+            moments = optimizer.state.get(p)
+            if moments and not ("step" in moments and all(
+                    torch.is_tensor(moments.get(k)) and moments[k].shape == p.shape
+                    for k in ("exp_avg", "exp_avg_sq"))):
                 raise ValueError("moments that do not fit")
 
 
@@ -806,7 +837,7 @@ class TrainingRun:
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return together(torch.nn.parallel.DistributedDataParallel, model, device_ids=ids)
 
     def stepped(self, step, loss):
         """After each step: progress, and every 10 steps a look at the losses (one wait for the
@@ -845,8 +876,10 @@ class TrainingRun:
         """After the estimate at a scheduled step: print and log it, save the model as ckpt.pt
         if it is the best so far, and save last.pt, the state to resume from."""
         self.check_pending()
-        if self.world > 1 and not self.wrapped:
-            raise CLIError(f"torchrun: {self.args.prog} trains in one process; gpt.py in several")
+        if self.world > 1 and not self.wrapped:             # the same for all: rank 0 says it
+            self.args.own_errors = False
+            raise CLIError(f"torchrun: {self.args.prog} trains in one process (its training loop "
+                           f"does not call run.for_training)")
         if self.log and self.log[-1]["step"] == step:       # a resumed run's first step: done
             self.mark = time.time()
             return
@@ -1000,12 +1033,13 @@ def sample_text(stage, model, tokenizer, args, device, stream=None, max_new_toke
     texts, was_training = [], model.training
     model.eval()
     try:
-        for i in range(num_samples or args.num_samples):
+        for i in range(args.num_samples if num_samples is None else num_samples):
             if stream:
                 stream.write(("\n" + "-" * 40 + "\n" if i else "") + args.prompt)
             with autocast(device, args.dtype):              # as in training
-                idx = stage.generate(model, prompt, max_new_tokens or args.max_new_tokens, args,
-                                     generator, on_token if stream else None)
+                new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
+                idx = stage.generate(model, prompt, new, args, generator,
+                                     on_token if stream else None)
             texts.append(tokenizer.decode(idx[0].tolist()))
     finally:
         model.train(was_training)                           # as the caller left it
@@ -1038,6 +1072,8 @@ def evaluate(stage, args, device):
 def load(stage, out_dir=None, device="cpu"):
     """A stage's trained model, from out_dir/ckpt.pt (default out/<stage>), to sample from and to
     look into. A problem raises CLIError, with the line that the command line would print."""
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise CLIError(f"device must be auto, cpu, cuda or mps, not {device!r}")
     args = parse_args(stage, ["--sample", "--device", device] +
                       (["--out_dir", str(out_dir)] if out_dir else []))
     device = pick_device(args.device)

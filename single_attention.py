@@ -1,15 +1,17 @@
 """Stage 2 of 4: one head of causal self-attention.
 
-bigram.py with characters and positions as learned vectors, and one head of self-attention that
-lets each position gather what it needs from those before it. Full validation loss: about 2.31.
+bigram.py with learned vectors for characters and positions (PyTorch's start, as the lecture's)
+and one head of self-attention, through which each gathers from those before it. About 2.31.
 
     python single_attention.py     train, report the loss, sample (--sample: only sample; --help)
 
 This file is its lesson, whole: its own tokenizer, batches, model and training loop, read from
 the top. Each stage re-declares them and imports nothing from another, so that `diff` of two
-consecutive stages shows one step. What makes a lesson a program you can rely on (the command
-line, checkpoints, resume, Ctrl-C, one-line errors) is harness.py, written once for all four:
-with harness.py beside it, a stage runs alone. To take one elsewhere, copy it with harness.py.
+consecutive stages shows what the later one adds. What makes a lesson a program you can rely on
+(the command line, checkpoints in out/<stage>, resume, Ctrl-C, one-line errors) is harness.py,
+written once for all four: with harness.py beside it, a stage runs alone. To take one
+elsewhere, copy it with harness.py. The full validation loss scores every character of the
+validation split once, at the end; the estimates during training are cheaper.
 """
 import sys
 
@@ -23,13 +25,13 @@ from torch.nn import functional as F
 
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500
 HYPERPARAMETERS = dict(
-    batch_size=64,          # independent sequences trained on in parallel
-    block_size=64,          # context length: now attention reads it, up to 64 characters back
-    max_iters=4000,         # training steps: attention learns more slowly than a lookup table
+    batch_size=64,          # independent sequences trained on in parallel (lecture: 32; gpt.py 64)
+    block_size=64,          # context length: now attention reads it, 64 characters (lecture: 8)
+    max_iters=4000,         # training steps: attention learns more slowly (the lecture: 5000)
     eval_interval=500,      # steps between loss estimates
-    eval_iters=100,         # batches averaged in each estimate
+    eval_iters=100,         # batches averaged in each estimate (the lecture: 200)
     learning_rate=1e-3,     # attention is less forgiving than a table: a smaller step
-    n_embd=128,             # NEW (stage 2): width of the vectors for characters and positions
+    n_embd=128,             # NEW (stage 2): character and position vectors' width (the lecture: 32)
 )
 # The other settings the lesson reads, options too, e.g. --seed 7
 SETTINGS = dict(
@@ -87,8 +89,9 @@ def get_batch(data, args, device, generator=None):
 @torch.no_grad()
 def estimate_loss(model, splits, args, device):
     """Mean loss over eval_iters batches of each split: cheap, and a little noisy. The batches
-    come from a generator of their own, the same ones at every evaluation: the estimates compare
-    models on the same text, and the training run's own random numbers are left alone."""
+    come from a generator of their own, the same ones at every evaluation (the lecture draws new
+    ones): the estimates compare models on the same text, and the run's random numbers are left
+    alone, which keeps a resumed run exact."""
     generator = torch.Generator().manual_seed(args.seed)
     model.eval()                                            # evaluation mode: no dropout
     out = {}
@@ -108,17 +111,15 @@ def estimate_loss(model, splits, args, device):
 # The model
 
 class Head(nn.Module):
-    """NEW (stage 2): one head of causal self-attention. Each position asks a question (its
-    query), every position holds up a label (its key), and the better a key matches the query,
-    the larger the share of that position's value in what comes back: a weighted average."""
+    """NEW (stage 2): one head of causal self-attention. Each position asks a question (a query);
+    those so far hold up labels (keys); it takes their values, weighted by how well they match."""
 
     def __init__(self, n_embd, head_size, block_size):
         super().__init__()
         self.key = nn.Linear(n_embd, head_size, bias=False)  # what a position offers
         self.query = nn.Linear(n_embd, head_size, bias=False)  # what a position looks for
         self.value = nn.Linear(n_embd, head_size, bias=False)  # what it passes on
-        # lower-triangular ones: position t may look at positions 0..t, never at the future.
-        # A buffer, not a parameter: saved with the model, never trained.
+        # ones on and below the diagonal: position t sees 0..t, never the future (a buffer: saved)
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
 
     def attention_weights(self, x):
@@ -192,7 +193,8 @@ def sample_next(logits, args, generator):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, args, generator=None, on_token=None):
     """Extend idx, (B, T) token ids, by max_new_tokens tokens, each drawn from the model's odds
-    for what follows the ones before it. on_token, if given, sees each new (B, 1) as it comes."""
+    for what follows the ones before it. on_token, if given, sees each new (B, 1) as it comes.
+    (A function, where the lecture's is a method of the model: every stage's has its own.)"""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -args.block_size:])       # (B, T, vocab), T <= block_size
         next_id = sample_next(logits[:, -1, :], args, generator)  # (B, 1), from the last
@@ -221,13 +223,13 @@ def train(args, device):
         if step == args.max_iters or run.interrupted:       # interrupted: by a Ctrl-C
             break
         xb, yb = get_batch(train_data, args, device)
-        with autocast(device, args.dtype):                  # the matrix products in bfloat16, if
-            logits, loss = model(xb, yb)                    # args.dtype says so: mixed precision
+        with autocast(device, args.dtype):  # args.dtype is what "auto" became here: with
+            logits, loss = model(xb, yb)    # "bfloat16", the matrix products run in it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.stepped(step + 1, loss)                         # progress; a loss that is not a number
-    return run.finish()                 # the best model's full validation loss, a sample, metrics
+        run.stepped(step + 1, loss)         # progress; a loss that is not a number stops the run
+    return run.finish()                 # the best model's full loss and a sample; its metrics
 
 
 def main(argv=None):

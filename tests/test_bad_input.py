@@ -47,6 +47,8 @@ def test_unreadable_data_file(bigram, run, tmp_path):
     ("--top_k", "-1", "--top_k cannot be negative"),
     ("--top_p", "0", "--top_p must be in (0, 1]"),
     ("--top_p", "1.5", "--top_p must be in (0, 1]"),
+    ("--seed", "-1", "--seed cannot be negative"),
+    ("--seed", str(2 ** 64), "--seed must be below 2**63"),
 ])
 def test_impossible_settings(bigram, run, corpus, option, value, fragment):
     code, _, err = run(bigram, "--data", corpus, option, value)

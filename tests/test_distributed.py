@@ -128,12 +128,42 @@ def test_a_collective_broken_by_another_process_is_one_line(gpt, run, corpus, mo
     assert_one_line_error(code, err, "torchrun: another process ended with an error")
 
 
-def test_the_smaller_stages_train_in_one_process_and_say_so_under_torchrun(run, corpus, monkeypatch, tmp_path):
+def test_the_smaller_stages_train_in_one_process_and_say_so_once_under_torchrun(run, corpus, monkeypatch,
+                                                                                 tmp_path):
     pretend_two_processes(monkeypatch)
     bigram = load_stage("bigram")
     code, _, err = run(bigram, "--data", corpus)
-    assert_one_line_error(code, err, "torchrun: bigram.py trains in one process; gpt.py in several")
+    assert_one_line_error(code, err, "torchrun: bigram.py trains in one process (its training loop does not call "
+                                     "run.for_training)")
     assert not (tmp_path / "out" / "bigram").exists()              # refused before anything is saved
+    monkeypatch.setenv("RANK", "1")                                # the same for every process: said once
+    monkeypatch.setattr(harness, "join_processes", lambda device: device)
+    code, _, err = run(bigram, "--data", corpus)
+    assert code == 1 and err == ""
+
+
+def test_a_process_s_own_trouble_before_training_is_told_by_that_process(gpt, run, corpus, monkeypatch):
+    """Review finding: rank 1 out of memory while it made its model said nothing, and rank 0 got a
+    traceback from the broken collective."""
+    pretend_two_processes(monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(harness, "join_processes", lambda device: device)
+
+    def no_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+    monkeypatch.setattr(gpt, "make_model", no_memory)
+    code, _, err = run(gpt, "--data", corpus)
+    assert code == 1 and err == "gpt.py: error: rank 1: out of memory: try a smaller --batch_size, " \
+                                "--block_size or model\n"
+    monkeypatch.undo()
+    pretend_two_processes(monkeypatch, lambda *args, **kwargs: None)
+    monkeypatch.setattr(harness, "wait_for_the_others", lambda: None)
+
+    def broken(model, device_ids):                                 # the others' DDP meets the failure
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", broken)
+    code, _, err = run(gpt, "--data", corpus)
+    assert_one_line_error(code, err, "torchrun: another process ended with an error")
 
 
 def test_the_processes_leave_together(gpt, run, corpus, monkeypatch):

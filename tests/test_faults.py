@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import harness
-from conftest import ATTENTION_STAGES, assert_one_line_error, ctrl_c_during_step, load_stage, tiny_args
+from conftest import ATTENTION_STAGES, ROOT, assert_one_line_error, ctrl_c_during_step, load_stage, tiny_args
 
 
 def snapshot(folder):
@@ -180,6 +180,11 @@ def damage(checkpoint, how):
         state[next(iter(state))]["exp_avg"] = torch.zeros(3)      # once a segfault in fused AdamW
     elif how == "no betas":
         del checkpoint["optimizer"]["param_groups"][0]["betas"]
+    elif how == "no second moment":
+        state = checkpoint["optimizer"]["state"]
+        del state[next(iter(state))]["exp_avg_sq"]
+    elif how == "a rate that is no number":
+        checkpoint["optimizer"]["param_groups"][0]["lr"] = "oops"
     elif how == "no step":
         state = checkpoint["optimizer"]["state"]
         del state[next(iter(state))]["step"]
@@ -217,7 +222,7 @@ def damage(checkpoint, how):
 
 
 RESUME_ONLY = ["no optimizer", "shuffled log", "moments of another shape", "no betas", "no step", "no best",
-               "a log of tensors"]                                 # what only last.pt holds
+               "a log of tensors", "no second moment", "a rate that is no number"]   # what only last.pt holds
 BOTH = ["no config", "n_head 0", "vocab not text", "nan weights", "an unknown setting",
         "a setting that is not named", "a weight without a name", "a sparse weight", "a weight of another shape"]
 
@@ -411,3 +416,26 @@ def test_a_lock_is_let_go_of_when_its_process_dies(tmp_path):
     harness.lock(str(out_dir))                                     # taken at once: nothing to tidy by hand
     harness.unlock(str(out_dir))
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_lock_the_filesystem_cannot_take_is_not_called_another_run(bigram, corpus, run, tmp_path, monkeypatch):
+    """Review finding: every error of flock read as "in use by another run" (a filesystem that
+    has no locks, ENOLCK, refused every run with a false reason)."""
+    if harness.fcntl is None:
+        pytest.skip("no fcntl: Windows")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(harness.fcntl, "flock", no_locks)
+    code, _, err = run(bigram, "--data", corpus)
+    assert_one_line_error(code, err, f"cannot write to {tmp_path / 'out' / 'bigram'}", os.strerror(errno.ENOLCK))
+    assert [p.name for p in (tmp_path / "out" / "bigram").iterdir()] == ["run.lock"]   # not held: not removed
+
+
+def test_a_script_beside_harness_gets_ctrl_c_back_once_pytorch_has_loaded(tmp_path):
+    """Review finding: a learner's own script beside harness.py lost KeyboardInterrupt for good."""
+    (tmp_path / "harness.py").write_text((ROOT / "harness.py").read_text())
+    (tmp_path / "explore.py").write_text("import signal, harness\n"
+                                         "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    done = subprocess.run([sys.executable, "explore.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.stdout == "True\n", done.stderr

@@ -100,7 +100,12 @@ def test_evaluate_takes_the_batch_size_it_is_given(bigram, corpus, run, tmp_path
     code, _, err = run(single, "--evaluate", corpus, "--n_embd", "32", tiny=False,
                        out_dir=tmp_path / "out" / "single_attention")
     assert code == 1 and err.count("\n") == 1
-    assert "the saved model's weights do not fit --n_embd 32: leave it out" in err
+    assert "--n_embd 32: the saved model was trained with --n_embd 16; leave it out" in err
+    gpt = load_stage("gpt")                                        # a change no weight's shape shows,
+    assert run(gpt, "--data", corpus)[0] == 0                      # or one that would crash the model
+    for given in (["--n_head", "1"], ["--n_head", "64"], ["--n_head", "3"]):
+        code, _, err = run(gpt, "--sample", *given, tiny=False, out_dir=tmp_path / "out" / "gpt")
+        assert code == 1 and err.count("\n") == 1 and f"{' '.join(given)}: the saved model was trained" in err
 
 
 def test_sampling_options(bigram, corpus, run, tmp_path):
@@ -177,8 +182,8 @@ def test_help_shows_every_setting_s_whole_comment_without_lesson_markers(capsys)
         assert set(notes) == set(stage.HYPERPARAMETERS) | set(stage.SETTINGS) and all(notes.values())
         for note in notes.values():
             assert " ".join(note.replace("%", "%%").split()) in text.replace("%", "%%"), note
-    assert "context length; a bigram reads only the last character, so here it only sets how many " \
-           "predictions each sequence gives per step" in harness.setting_notes(load_stage("bigram"))["block_size"]
+    assert harness.setting_notes(load_stage("bigram"))["block_size"] == "context length; a bigram reads only the " \
+        "last character, so here it sets only how many predictions each sequence gives (lecture: 8)"
 
 
 # ---- Ctrl-C and resume ----
@@ -315,6 +320,7 @@ def test_a_new_run_sets_the_earlier_run_aside_all_together_at_its_first_save(big
     assert code == 0, err
     assert f"the earlier run's files in {out_dir} are now in {out_dir / 'previous-1'}" in out
     assert snapshot(out_dir / "previous-1") == first and (out_dir / "ckpt.pt").read_bytes() != first["ckpt.pt"]
+    assert (out_dir / "previous-1").stat().st_mode & 0o777 == 0o755   # as readable as the files in it
 
 
 def test_no_earlier_run_is_ever_deleted_by_a_later_one(bigram, corpus, run, tmp_path, monkeypatch):
@@ -407,3 +413,14 @@ def test_the_readme_s_lines_for_a_notebook_run_as_written(corpus, run, tmp_path,
     assert len(layers) == 2 and layers[0].shape[0] == 2           # two layers of two heads, tiny
     T = layers[0].shape[-1]
     assert torch.allclose(layers[0].sum(-1), torch.ones(2, T), atol=1e-5)
+
+
+def test_the_notebook_lines_take_what_they_say(corpus, run, tmp_path):
+    bigram = load_stage("bigram")
+    assert run(bigram, "--data", corpus)[0] == 0
+    trained = harness.load(bigram, tmp_path / "out" / "bigram")
+    assert trained.sample("ROMEO", 0) == "ROMEO" and len(trained.sample("ROMEO", 7)) == 12
+    with pytest.raises(harness.CLIError, match="device must be auto, cpu, cuda or mps, not 'gpu'"):
+        harness.load(bigram, tmp_path / "out" / "bigram", device="gpu")
+    with pytest.raises(harness.CLIError, match="this model has no attention"):
+        trained.attention("ROMEO")

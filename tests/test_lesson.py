@@ -186,7 +186,7 @@ def test_multi_head_layer_shape_and_one_head_equals_a_head(stage_name):
 # ---- gpt.py's own parts ----
 
 def batched_from_heads(gpt, layer):
-    """(h)'s CausalSelfAttention with the weights of a MultiHeadAttention, heads side by side."""
+    """(g)'s CausalSelfAttention with the weights of a MultiHeadAttention, heads side by side."""
     n_head, C = len(layer.heads), layer.proj.in_features
     batched = gpt.CausalSelfAttention(C, n_head, layer.heads[0].tril.shape[0], dropout=0.0).eval()
     rows = [torch.cat([getattr(head, part).weight for head in layer.heads]) for part in ("query", "key", "value")]

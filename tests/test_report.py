@@ -16,8 +16,9 @@ def test_report_rewrites_the_results_and_keeps_other_machines(tmp_path, corpus, 
            "iters": 5000, "batch_size": 64, "block_size": 256, "seconds": 80.0, "tokens_per_sec": 9e5,
            "val_loss": 1.47, "val_bpc": 2.12, "val_chars": 111_539, "sample": "ROMEO:\nhi\n", "log": [[0, 4.2, 4.2, 0.0]]}
     results.write_text(json.dumps({"cuda: Some GPU, bfloat16": [gpu]}))
+    details = tmp_path / "results.md"
     argv = ["--data", str(corpus), "--out", str(tmp_path / "runs"), "--results", str(results),
-            "--readme", str(readme), "--figure", str(figure), *TINY]
+            "--readme", str(readme), "--details", str(details), "--figure", str(figure), *TINY]
     assert report.main(argv) == 0
 
     saved = json.loads(results.read_text())
@@ -29,17 +30,22 @@ def test_report_rewrites_the_results_and_keeps_other_machines(tmp_path, corpus, 
     for m in cpu_runs:
         assert f"| `{m['stage']}.py` |" in text and f"**{m['val_loss']:.3f}**" in text
     assert "**Some GPU** (cuda, bfloat16" in text and "**1.470**" in text
+    assert text.count("Val loss is the full validation loss") == 1           # the caption, once
+    assert "Samples on Some GPU" in text and "Samples on" not in text.split("Samples on Some GPU")[1]
+    assert report.render_markdown(saved) in details.read_text()             # every machine, with samples
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert report.main(["--render", "--results", str(results), "--readme", str(readme),
-                        "--figure", str(figure)]) == 0
+                        "--details", str(details), "--figure", str(figure)]) == 0
     assert readme.read_text() == text                              # rendering again changes nothing
 
 
 def test_readme_results_are_the_recorded_ones():
     results = json.loads((ROOT / "docs" / "results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    assert report.render_markdown(results) in readme
+    keys = report.summary_keys(results)
+    assert [results[key][0]["device"] for key in keys] == ["cuda", "cpu"]
+    assert report.render_markdown(results, keys, keys[:1]) in (ROOT / "README.md").read_text()
+    assert report.render_markdown(results) in (ROOT / "docs" / "results.md").read_text()
 
 
 def test_precisions_and_commands_of_one_machine_are_kept_apart():

@@ -5,6 +5,8 @@
     python tools/bench.py --config "n_layer=4 n_embd=128 block_size=64 batch_size=12"
                                                  gpt.py at another configuration as well
     python tools/bench.py --corpus               loading a 10 MB and a 100 MB corpus
+    python tools/bench.py --heads                gpt.py's step with its batched heads, and with
+                                                 stage 3's list of heads instead
 
 Training is timed by running each script for real (a subprocess, its own training loop,
 its own tokens/s, which leave out evaluations and saving), so the figures are what a user
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -223,6 +226,59 @@ def bench_sampling(device, new_tokens, vocab_size, precision=()):
     return rows
 
 
+class ListOfHeads(nn.Module):
+    """gpt.py's MultiHeadAttention (stage 3's list of heads, with dropout) where its Block builds
+    the batched CausalSelfAttention: what the list of heads would cost. No cache: training only."""
+
+    def __init__(self, n_embd, n_head, block_size, dropout):
+        super().__init__()
+        self.heads = load("gpt").MultiHeadAttention(n_embd, n_head, block_size, dropout)
+
+    def forward(self, x, cache=None):
+        return self.heads(x)
+
+
+def step_ms(module, args, device, attention, steps):
+    """Milliseconds per training step of gpt.py's model built with `attention` in every Block."""
+    batched, module.CausalSelfAttention = module.CausalSelfAttention, attention
+    try:
+        torch.manual_seed(0)
+        model = module.make_model(65, args).to(device)
+    finally:
+        module.CausalSelfAttention = batched
+    optimizer = module.make_optimizer(model, args, device)
+    x = torch.randint(65, (args.batch_size, args.block_size), device=device)
+    for step in range(steps + 2):                              # two to warm up
+        if step == 2:
+            sync(device)
+            start = time.perf_counter()
+        with harness.autocast(device, args.dtype):
+            _, loss = model(x, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def bench_heads(device, presets, steps, repeats):
+    """A training step of gpt.py with its batched heads, (g), and with the list of heads of
+    MultiHeadAttention: interleaved, the best of `repeats` each."""
+    rows = []
+    for preset in presets:                                     # each in the precision it is for
+        precision = ["--dtype", "float32"] if preset == "laptop-float32" else []
+        module, args = resolved_args("gpt", ["--preset", preset, *precision], device)
+        best = {"batched": math.inf, "list": math.inf}
+        for _ in range(repeats):
+            for label, attention in (("batched", module.CausalSelfAttention), ("list", ListOfHeads)):
+                best[label] = min(best[label], step_ms(module, args, device, attention, steps))
+        rows.append(dict(preset=preset, dtype=args.dtype, batched_ms=best["batched"], list_ms=best["list"],
+                         ratio=best["list"] / best["batched"]))
+        print(f"heads, gpt.py {preset} ({args.dtype}): batched {best['batched']:.1f} ms/step, "
+              f"list of heads {best['list']:.1f} ms/step, {rows[-1]['ratio']:.2f}x", flush=True)
+    return rows
+
+
 def load_seconds(path):
     """Seconds to read, check and encode a corpus with the scripts' own functions."""
     start = time.perf_counter()
@@ -270,6 +326,8 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=1000, help="tokens generated per sampling test")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--corpus", action="store_true", help="only the large-corpus loading test")
+    parser.add_argument("--heads", action="store_true", help="only gpt.py's training step with its "
+                        "batched heads against stage 3's list of heads")
     parser.add_argument("--data", default=str(ROOT / "input.txt"),
                         help="text to train on (default input.txt, which python bigram.py downloads)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration, interleaved; "
@@ -278,7 +336,7 @@ def main(argv=None):
                         help="the precision of every run (default: each script's own choice, auto)")
     parser.add_argument("--json", type=Path, default=ROOT / "out" / "bench.json")
     args = parser.parse_args(argv)
-    if not Path(args.data).exists():
+    if not args.heads and not Path(args.data).exists():
         sys.exit(f"bench: no {args.data}: run python bigram.py once (it downloads it), or pass --data")
     device = harness.pick_device(args.device)
     hardware = harness.hardware_name(device)
@@ -286,6 +344,9 @@ def main(argv=None):
     report = dict(hardware=hardware, device=device.type, torch=torch.__version__)
     if args.corpus:
         report["corpus"] = bench_corpus(args.data)
+    elif args.heads:
+        presets = ["full"] if device.type == "cuda" else ["laptop", "laptop-float32"]
+        report["heads"] = bench_heads(device, presets, 20, args.repeats)
     else:
         precision = ["--dtype", args.dtype] if args.dtype else []
         configs = [(stage, "defaults", precision) for stage in STAGES]

@@ -104,8 +104,8 @@ def block_with_norms(args):
 # its options, and the pieces swapped into gpt.py: make_model, make_optimizer, get_lr
 RUNGS = [
     ("multi_head_attn.py", "4 heads of attention, joined by a projection", 2.28, multi_head_attn, SMALL, None),
-    ("+ feed-forward", "a feed-forward layer after the attention (gpt.py's: 4x wide, GELU; the lecture's "
-     "was 1x wide, ReLU)", 2.24, gpt, SMALL + ["--n_layer", "1"] + PLAIN,
+    ("+ feed-forward", "a feed-forward layer after the attention (gpt.py's: two layers, 4x wide, GELU; "
+     "the lecture's at this step: one layer, ReLU)", 2.24, gpt, SMALL + ["--n_layer", "1"] + PLAIN,
      (lambda v, a: Rung(v, a, FeedForwardAfterAttention, False), plain_optimizer, constant_lr)),
     ("+ residual blocks", "4 blocks, each part added to a residual stream", 2.08, gpt,
      SMALL + ["--n_layer", "4"] + PLAIN, (lambda v, a: Rung(v, a, ResidualBlock, False), plain_optimizer, constant_lr)),

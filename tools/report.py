@@ -2,7 +2,9 @@
 
     python tools/report.py              all four stages with their defaults (6 to 8 minutes
                                         on 2 AVX-512 BF16 cores, in float32 or bfloat16), then
-                                        rewrite README.md's results and docs/loss_curves.png
+                                        rewrite the results of README.md (a GPU's and a CPU's
+                                        rows) and docs/results.md (every machine's, with
+                                        samples), and docs/loss_curves.png
     python tools/report.py --quick      a smoke pass in seconds: tiny runs, written under
                                         out/report-quick/, README.md untouched
     python tools/report.py --render     only redraw README.md and the figure from docs/results.json
@@ -75,11 +77,21 @@ def fmt_time(seconds):
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def render_markdown(results):
-    """The README's results section: one table and samples per machine."""
+def summary_keys(results):
+    """The README's two tables: the first GPU's rows, and a CPU's in float32 (what most laptops
+    train in; without such rows, the first CPU's). docs/results.md holds every machine's."""
+    gpu = [key for key, runs in results.items() if runs[0]["device"] == "cuda"]
+    cpu = [key for key, runs in results.items() if runs[0]["device"] != "cuda"]
+    return gpu[:1] + ([key for key in cpu if results[key][0]["dtype"] == "float32"] or cpu)[:1]
+
+
+def render_markdown(results, keys=None, samples=None):
+    """A results section: a table per machine and precision, in keys (default all), the caption
+    once, and the samples of those in samples (default the same)."""
+    keys = list(results) if keys is None else keys
     lines = [BEGIN, ""]
-    for key, runs in results.items():
-        first = runs[0]
+    for key in keys:
+        runs, first = results[key], results[key][0]
         commands = [m.get("report_command", "python tools/report.py") for m in runs]
         made_by = f"`{commands[0]}`" if len(set(commands)) == 1 else "the commands below the table"
         lines += [f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}), "
@@ -94,11 +106,16 @@ def render_markdown(results):
                          f"**{m['val_loss']:.3f}** | {m['val_bpc']:.3f} |")
         if len(set(commands)) > 1:
             lines += [""] + [f"- `{m['stage']}.py`: `{command}`" for m, command in zip(runs, commands)]
-        scored = {f"{m['val_chars']:,}" for m in runs}
-        lines += ["", f"Val loss is the full validation loss ({' and '.join(sorted(scored))} characters, "
-                  "each scored once) of the checkpoint with the best estimated validation loss; time is "
-                  "the whole run, start to exit. Samples, the first lines after a newline prompt:", ""]
-        for m in runs:
+        lines.append("")
+    scored = {f"{m['val_chars']:,}" for key in keys for m in results[key]}
+    lines += [f"Val loss is the full validation loss ({' and '.join(sorted(scored))} characters, each scored "
+              "once) of the checkpoint with the best estimated validation loss; time is the whole run, "
+              "start to exit.", ""]
+    for key in keys if samples is None else samples:
+        first = results[key][0]
+        lines += [f"Samples on {first['hardware']} ({first['dtype']}), the first lines after a newline "
+                  "prompt:", ""]
+        for m in results[key]:
             sample = [line for line in m["sample"].strip("\n").splitlines() if line.strip()][:3]
             lines += [f"`{m['stage']}.py`:", "```", *sample, "```"]
         lines.append("")
@@ -116,11 +133,12 @@ def between_markers(text, begin, end, new):
     return head + new + rest.split(end, 1)[1]
 
 
-def update_readme(readme, results):
+def update_readme(readme, section):
+    """Rewrite the results section of a markdown file (made if missing)."""
     text = readme.read_text(encoding="utf-8") if readme.exists() else f"{BEGIN}\n{END}\n"
     if not has_markers(text, BEGIN, END):
         sys.exit(f"report: {readme} has no results markers ({BEGIN} ... {END})")
-    readme.write_text(between_markers(text, BEGIN, END, render_markdown(results)), encoding="utf-8")
+    readme.write_text(between_markers(text, BEGIN, END, section), encoding="utf-8")
 
 
 def pyplot():
@@ -178,12 +196,15 @@ def main(argv=None):
                         "everything else go (default out/report, or out/report-quick)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--details", type=Path, default=ROOT / "docs" / "results.md",
+                        help="where every machine's rows and samples go")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "loss_curves.png")
     args, extra = parser.parse_known_args(argv)                    # anything else goes to every script
     out = (args.out or ROOT / "out" / ("report-quick" if args.quick else "report")).resolve()
     args.data = args.data and os.path.abspath(args.data)          # the scripts run in the repository
     if args.quick:                                                 # a smoke pass never touches the README
         args.results, args.readme, args.figure = out / "results.json", out / "README.md", out / "loss_curves.png"
+        args.details = out / "results.md"
 
     results = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
     if not args.render:
@@ -208,9 +229,11 @@ def main(argv=None):
         args.results.write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not results:
         sys.exit(f"report: no results in {args.results}: run without --render first")
-    update_readme(args.readme, results)
+    keys = summary_keys(results)
+    update_readme(args.readme, render_markdown(results, keys, samples=keys[:1]))
+    update_readme(args.details, render_markdown(results))
     draw(results, args.figure)
-    print(f"report: wrote {args.readme}, {args.figure} and {args.results}")
+    print(f"report: wrote {args.readme}, {args.details}, {args.figure} and {args.results}")
     return 0
 
 
