@@ -29,7 +29,7 @@ from torch.nn import functional as F
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500
 # (d): the full configuration, the lecture's, made for a GPU: 10.8 M parameters
 HYPERPARAMETERS = dict(
-    batch_size=64,          # independent sequences trained on in parallel (lecture: 32; gpt.py 64)
+    batch_size=64,          # independent sequences trained on in parallel (lecture: 32, later 64)
     block_size=256,         # context length: 256 characters are a few lines of verse
     max_iters=2000,         # training steps; the best model is kept (the lecture: 5000)
     eval_interval=250,      # steps between loss estimates (the lecture: 500)
@@ -96,7 +96,8 @@ def load_text(path):
 
 def get_batch(data, args, device, generator=None):
     """batch_size random windows of the text: x is block_size characters, y the same window
-    moved one character on, so y[b, t] is the character that follows x[b, :t+1]."""
+    moved one character on, so y[b, t] is the character that follows x[b, :t+1]. (numpy takes
+    all the windows at once, where the lecture stacks them one by one: the same batch.)"""
     starts = torch.randint(len(data) - args.block_size, (args.batch_size,), generator=generator)
     window = starts.numpy()[:, None] + np.arange(args.block_size + 1)  # (B, T+1) positions
     chunk = torch.from_numpy(data[window].astype(np.int64))  # copies the batch, not the text
@@ -126,8 +127,7 @@ def estimate_loss(model, splits, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: stage 3's Head and MultiHeadAttention with dropout (d), kept to read and for the
-# test that (g), which the blocks run, computes the same; then the lecture's steps (a) to (d)
+# The model: stage 3's attention, with dropout (d), kept to read (what runs is (g)); then (a)-(d)
 
 class Head(nn.Module):
     """NEW (stage 2): one head of causal self-attention. Each position asks a question (a query);
@@ -178,12 +178,12 @@ class MultiHeadAttention(nn.Module):
 # (a) feed-forward ----------------------------------------------------------------------------
 class FeedForward(nn.Module):
     """NEW (a): after the positions have talked (attention), each thinks on its own: two layers,
-    4 times wider inside. The lecture's is one layer with ReLU at first, and like this from (b)."""
+    4 times wider inside. The lecture's is one layer at first, two like these from (b) on."""
 
     def __init__(self, n_embd, dropout):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd)
-        self.gelu = nn.GELU()                               # a smooth ReLU (GPT-2: a tanh fit)
+        self.gelu = nn.GELU()                               # GPT-2's smooth ReLU; the lecture: ReLU
         self.proj = nn.Linear(4 * n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)                  # NEW (d)
 
@@ -223,11 +223,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head, block_size, dropout)  # NEW (b); a list,
                                      for _ in range(n_layer)])  # not nn.Sequential: caches (f)
         self.ln_f = nn.LayerNorm(n_embd)                    # NEW (c): one more, at the end
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # NEW (e): no bias, as GPT-2
-        # NEW (e): weight tying (GPT-2): reading a character in and writing one out share a matrix
-        self.lm_head.weight = self.token_embedding_table.weight
-        # NEW (e): GPT-2's initialisation: small normal weights, zero biases, and the layers that
-        # write into the stream (proj) scaled by 1/sqrt(2 n_layer), so that their sum stays small
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # NEW (e), as GPT-2: no bias, and
+        self.lm_head.weight = self.token_embedding_table.weight  # reading in and out: one matrix
+        # NEW (e): GPT-2's start: N(0, 0.02) weights, zero biases (the lecture's gpt.py added these
+        # after the video), and for the layers that write into the stream (proj) 1/sqrt(2 n_layer)
+        # of that, so that what all the blocks add to it stays the same size however many
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
@@ -268,9 +268,9 @@ def make_optimizer(model, args, device):
 
 
 def get_lr(step, args):
-    """Warmup, then a cosine decay to min_lr at args.planned_iters (a resumed run's first max_iters,
-    harness.py: more steps get min_lr). The lecture keeps 3e-4 and reports 1.48 after 5000 steps;
-    here nanoGPT's schedule peaks 3x higher and reaches 1.45 in 2000, with small first steps."""
+    """Warmup, then a cosine decay to min_lr at args.planned_iters: the run's max_iters as it
+    began, which a resumed run keeps, so that more steps run at min_lr (harness.py). The lecture
+    keeps 3e-4 (1.48 after 5000 steps); nanoGPT's schedule peaks 3x higher (here 1.45 in 2000)."""
     if step < args.warmup_iters:
         return args.learning_rate * (step + 1) / args.warmup_iters
     progress = min(1.0, (step - args.warmup_iters) / max(1, args.planned_iters - args.warmup_iters))
@@ -308,6 +308,7 @@ def sample_next(logits, args, generator):
 def generate(model, idx, max_new_tokens, args, generator=None, on_token=None, use_cache=True):
     """Extend idx, (B, T) token ids, by max_new_tokens tokens, each drawn from the model's odds
     for what follows the ones before it. on_token, if given, sees each new (B, 1) as it comes.
+    (A function, where the lecture's is a method of the model: every stage's has its own.)
 
     NEW (f): with the cache each block keeps the keys and values of the earlier positions, which
     come out the same each time, and a step computes the newest position's alone. The window
@@ -323,8 +324,8 @@ def generate(model, idx, max_new_tokens, args, generator=None, on_token=None, us
             caches = [{} for _ in model.blocks]
             logits, _ = model(idx[:, start:], caches=caches)  # fill the caches
         else:
-            with one_vector_kernels(idx.device, args.dtype):  # speed only (harness.py)
-                logits, _ = model(idx[:, -1:], caches=caches)  # the newest position only
+            with one_vector_kernels(idx.device, args.dtype):  # speed only: PyTorch's own
+                logits, _ = model(idx[:, -1:], caches=caches)  # kernel; the newest position only
         next_id = sample_next(logits[:, -1, :], args, generator)  # (B, 1), from the last
         idx = torch.cat((idx, next_id), dim=1)              # (B, T+1)
         if on_token:
@@ -358,7 +359,7 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v                   # (B, nh, past + T, hs)
         past = k.shape[2] - T                               # positions before these T
         future = self.future[past:past + T, :past + T]      # (T, past + T)
-        if use_fused_attention(q):                          # the same y, in one kernel
+        if use_fused_attention(q):          # the same y, by F.scaled_dot_product_attention's kernel
             y = fused_attention(q, k, v, future, self.attn_dropout.p if self.training else 0.0)
         else:
             y = self.attn_dropout(self.attention_weights(q, k, future)) @ v  # (B, nh, T, hs)
@@ -385,6 +386,7 @@ def train(args, device):
     run = TrainingRun(args, device, model, optimizer, tokenizer, train_data, val_data)
     training_model = run.for_training(model)  # under torchrun: wrapped to average the gradients
     for step in range(run.first_step, args.max_iters + 1):  # first_step: 0, unless resuming
+        # an estimate every eval_interval steps, and after the last step (the lecture: before it)
         if step % args.eval_interval == 0 or step == args.max_iters:
             losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device)
             run.evaluated(step, losses)                     # print, log, save

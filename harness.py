@@ -33,7 +33,7 @@ from pathlib import Path
 _script = os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "/")
 _starting = os.path.dirname(_script) == os.path.dirname(os.path.abspath(__file__))
 if _starting:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _before = signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np  # noqa: E402  (after the Ctrl-C line above)
 import torch  # noqa: E402
@@ -41,7 +41,7 @@ from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 if _starting:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _before)
 
 try:
     import fcntl                                            # the lock: Linux, macOS
@@ -79,10 +79,13 @@ def run_command_line(stage, argv=None):
     if errors:                                              # a terminal that cannot show one of
         sys.stdout.reconfigure(errors="backslashreplace")   # the text's characters shows its code
     try:
-        device = join_processes(pick_device(args.device))
-        args.own_errors = False                             # the same settings, the same data
+        args.own_errors = False                             # the same device, settings and data
+        device = pick_device(args.device)
+        args.own_errors = True                              # joining: each its own
+        device = join_processes(device)
+        args.own_errors = False
         configure(stage, args, device)
-        if args.evaluate:
+        if args.evaluate is not None:
             evaluate(stage, args, device)
         elif args.sample:
             sample_text(stage, *saved_model(stage, args, device), args, device, sys.stdout)
@@ -92,7 +95,7 @@ def run_command_line(stage, argv=None):
     except CLIError as e:
         return fail(args, str(e))
     except (MemoryError, RuntimeError) as e:                # RuntimeError: only the allocators'
-        if not isinstance(e, MemoryError) and not re.search("alloc|out of memory", str(e)):
+        if not isinstance(e, MemoryError) and not re.search("alloc|out of memory|overflow", str(e)):
             raise
         args.own_errors = True                              # this process's own, whenever it came
         return fail(args, "out of memory: try a smaller --batch_size, --block_size or model")
@@ -144,16 +147,17 @@ def parse_args(stage, argv=None):
         help="where to run (auto: cuda, then mps, then cpu)")
     add("--out_dir", default=f"out/{name}", help="where ckpt.pt (the best model), last.pt (the "
         "latest state, for --resume), log.csv and metrics.json go")
-    add("--resume", action="store_true", help="continue from out_dir/last.pt, with its settings")
+    only = parser.add_mutually_exclusive_group().add_argument   # train, resume, sample or evaluate
+    only("--resume", action="store_true", help="continue from out_dir/last.pt, with its settings")
     add("--max_eval_chars", type=int, default=1_000_000, help="cap on the characters that the "
         "full validation loss scores")
-    add("--sample", action="store_true", help="only sample from out_dir/ckpt.pt")
+    only("--sample", action="store_true", help="only sample from out_dir/ckpt.pt")
     add("--prompt", help="text to continue (default a newline)")
     add("--max_new_tokens", type=int, default=500, help="characters to generate")
     add("--num_samples", type=int, default=1, help="how many samples")
     add("--sample_every", type=int, default=0, help="print a short sample at each evaluation on a "
         "multiple of this many steps (0: never)")
-    add("--evaluate", metavar="PATH", help="only report the saved model's loss on a text file")
+    only("--evaluate", metavar="PATH", help="only report the saved model's loss on a text file")
     add("--skip_unknown", action="store_true", help="with --evaluate, leave out characters the "
         "model never saw instead of refusing the text")
     args = parser.parse_args(argv)
@@ -190,7 +194,9 @@ def saved_settings(stage):
 def configure(stage, args, device):
     """Settle every setting: the command line's, else a resumed run's, else a preset's (gpt.py
     without a CUDA GPU), else those at the top of the file; check them; pick the precision."""
-    training = not (args.sample or args.evaluate)
+    training = not (args.sample or args.evaluate is not None)
+    if not args.out_dir:
+        raise CLIError("--out_dir cannot be empty")
     if training and rank() == 0:                            # before anything is read from out_dir
         lock(args.out_dir)
     if training and world_size() > 1:                       # the others wait for rank 0's lock
@@ -213,8 +219,8 @@ def configure(stage, args, device):
             if training and args.preset != "full":
                 applied = ", ".join(f"{k} {v}" for k, v in presets[args.preset].items()
                                     if k not in args.given)
-                print(f"no CUDA GPU: preset {args.preset}, about 5 minutes on 2 CPU cores in "
-                      f"{dtype} (--preset full: the full configuration): {applied}")
+                print(f"no CUDA GPU: preset {args.preset}, in {dtype} (--preset full: the full "
+                      f"configuration): {applied}")
         overrides = presets.get(args.preset, {})
     for key, value in {**stage.SETTINGS, **stage.HYPERPARAMETERS, **overrides}.items():
         if key not in args.given:
@@ -242,6 +248,8 @@ def check_settings(stage, values):
             raise CLIError(f"--{key} must be {kind.__name__}, not {value!r}")
         if kind is int:
             at_least(key, value, 0 if key in ("warmup_iters", "top_k", "seed") else 1)
+            if key != "seed" and value >= 2 ** 31:          # far past any computer's memory
+                raise CLIError(f"--{key} must be below 2**31, not {value}")
         if key == "seed" and value >= 2 ** 63:
             raise CLIError(f"--seed must be below 2**63, not {value}")
         if key == "learning_rate" and not 0 < value < 1e30:   # beyond that, float32 overflows
@@ -275,10 +283,15 @@ def check_memory(stage, args, device):
     memory = physical_memory()
     if memory is None:
         return
-    with torch.device("meta"):
-        model = stage.make_model(1, args)
+    try:
+        with torch.device("meta"):
+            model = stage.make_model(1, args)
+    except (RuntimeError, ValueError, OverflowError) as e:   # a size PyTorch cannot even count
+        raise CLIError(f"out of memory: these settings make a model too large to count "
+                       f"({str(e).splitlines()[0]}); try a smaller one")
     on_cpu, B, T = device.type == "cpu", args.batch_size, args.block_size
-    need = 2 * 8 * B * (T + 1) + sum(b.numel() * b.element_size() for b in model.buffers())
+    need = 2 * 8 * B * (T + 1) + 4 * args.eval_iters        # the batch; the estimates' losses
+    need += sum(b.numel() * b.element_size() for b in model.buffers())
     need += sum(p.numel() for p in model.parameters()) * (16 if on_cpu else 4)   # float32
     need += 4 * B * T * getattr(args, "n_embd", 0) if on_cpu else 0
     need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if on_cpu and "RANK" in os.environ else 1
@@ -577,9 +590,9 @@ def lock(out_dir):
         LOCKS[os.path.abspath(out_dir)], fd = (fd, made), None
         for name in os.listdir(out_dir):
             left = os.path.join(out_dir, name)
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(TEMP_PREFIX) and os.path.isfile(left):
                 os.unlink(left)
-            elif name.startswith(".previous-"):             # a move aside, cut short: undone
+            elif name.startswith(".previous-") and os.path.isdir(left):   # a move aside, cut short
                 for moved in os.listdir(left):
                     os.replace(os.path.join(left, moved), os.path.join(out_dir, moved))
                 os.rmdir(left)
@@ -704,23 +717,26 @@ def saved_model(stage, args, device):
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
         raise CLIError(f"{path} is damaged: its weights do not fit its own model")
+    args.saved_step, args.saved_val_loss = checkpoint["step"], checkpoint["val_loss"]
+    args.preset = checkpoint["config"]["preset"]            # as trained (the precision: here)
     return model.to(device), tokenizer
 
 
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict, made strict: PyTorch's takes moments of the wrong shape and
     groups without their settings, and fails later, in a step (fused AdamW once crashed)."""
-    settings, numbers = set(optimizer.state_dict()["param_groups"][0]), (int, float)
+    fresh = [dict(group) for group in optimizer.state_dict()["param_groups"]]
     optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        betas = group.get("betas")
-        if settings - set(group) or not all(type(group[k]) in numbers for k in
-                                            ("lr", "eps", "weight_decay")) or not (
-                isinstance(betas, (tuple, list)) and [type(b) in numbers for b in betas] == [1, 1]):
-            raise ValueError("a group of parameters without its settings")
+    for group, before in zip(optimizer.param_groups, fresh):
+        same = [k for k in ("betas", "eps", "weight_decay", "amsgrad", "maximize") if k in before]
+        betas = list(group.get("betas") or ())              # a tuple, or as a list
+        if type(group.get("lr")) not in (int, float) or betas != list(before.get("betas", betas)) \
+                or any(group.get(k) != before[k] for k in same if k != "betas"):
+            raise ValueError("a group of parameters with other settings")
         for p in group["params"]:
             moments = optimizer.state.get(p)
-            if moments and not ("step" in moments and all(
+            step = moments and moments.get("step")
+            if moments and not (torch.is_tensor(step) and step.dim() == 0 and step >= 0 and all(
                     torch.is_tensor(moments.get(k)) and moments[k].shape == p.shape
                     for k in ("exp_avg", "exp_avg_sq"))):
                 raise ValueError("moments that do not fit")
@@ -760,6 +776,12 @@ def resume(args, model, optimizer, tokenizer, device):
     if saved["step"] > args.max_iters:
         raise CLIError(f"the run to resume is at step {saved['step']}, past --max_iters "
                        f"{args.max_iters}")
+    best = load_checkpoint(args.stage, os.path.join(args.out_dir, "ckpt.pt"))
+    if saved["best"]["step"] is not None and (best["step"], best["val_loss"]) != \
+            (saved["best"]["step"], saved["best"]["val_loss"]):
+        raise CLIError(f"{os.path.join(args.out_dir, 'ckpt.pt')} is not the best model of the run "
+                       f"to resume (its step {best['step']}, not {saved['best']['step']}): start a "
+                       f"new run")
     try:
         model.load_state_dict(saved["model"])
         load_optimizer_state(optimizer, saved["optimizer"])
@@ -1075,7 +1097,7 @@ def load(stage, out_dir=None, device="cpu"):
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise CLIError(f"device must be auto, cpu, cuda or mps, not {device!r}")
     args = parse_args(stage, ["--sample", "--device", device] +
-                      (["--out_dir", str(out_dir)] if out_dir else []))
+                      ([f"--out_dir={out_dir}"] if out_dir is not None else []))
     device = pick_device(args.device)
     configure(stage, args, device)
     return Trained(stage, *saved_model(stage, args, device), args, device)
@@ -1090,6 +1112,9 @@ class Trained:
 
     def sample(self, prompt="\n", max_new_tokens=500, seed=1337):
         """The prompt and max_new_tokens characters drawn after it, as --sample draws them."""
+        for key, value in (("max_new_tokens", max_new_tokens), ("seed", seed)):
+            if type(value) is not int or not 0 <= value < 2 ** 63:
+                raise CLIError(f"{key} must be a whole number from 0 to 2**63 - 1, not {value!r}")
         self.args.prompt, self.args.prompt_given, self.args.seed = prompt, True, seed
         return sample_text(self.stage, self.model, self.tokenizer, self.args, self.device,
                            max_new_tokens=max_new_tokens, num_samples=1)[0]

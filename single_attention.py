@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 # Hyperparameters. Each is also an option of the same name, e.g. --max_iters 500
 HYPERPARAMETERS = dict(
-    batch_size=64,          # independent sequences trained on in parallel (lecture: 32; gpt.py 64)
+    batch_size=64,          # independent sequences trained on in parallel (lecture: 32, later 64)
     block_size=64,          # context length: now attention reads it, 64 characters (lecture: 8)
     max_iters=4000,         # training steps: attention learns more slowly (the lecture: 5000)
     eval_interval=500,      # steps between loss estimates
@@ -78,7 +78,8 @@ def load_text(path):
 
 def get_batch(data, args, device, generator=None):
     """batch_size random windows of the text: x is block_size characters, y the same window
-    moved one character on, so y[b, t] is the character that follows x[b, :t+1]."""
+    moved one character on, so y[b, t] is the character that follows x[b, :t+1]. (numpy takes
+    all the windows at once, where the lecture stacks them one by one: the same batch.)"""
     starts = torch.randint(len(data) - args.block_size, (args.batch_size,), generator=generator)
     window = starts.numpy()[:, None] + np.arange(args.block_size + 1)  # (B, T+1) positions
     chunk = torch.from_numpy(data[window].astype(np.int64))  # copies the batch, not the text
@@ -217,6 +218,7 @@ def train(args, device):
     # save the best model and the state to resume from at each evaluation, watch for Ctrl-C
     run = TrainingRun(args, device, model, optimizer, tokenizer, train_data, val_data)
     for step in range(run.first_step, args.max_iters + 1):  # first_step: 0, unless resuming
+        # an estimate every eval_interval steps, and after the last step (the lecture: before it)
         if step % args.eval_interval == 0 or step == args.max_iters:
             losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device)
             run.evaluated(step, losses)                     # print, log, save

@@ -1,4 +1,8 @@
 """tools/attention.py and harness.load(...).attention: the weights of tiny trained models."""
+import base64
+import json
+import re
+
 import pytest
 import torch
 
@@ -74,3 +78,56 @@ def test_bad_requests_are_one_line(problem, run, corpus, tmp_path, capsys):
 
 def test_every_attention_stage_is_offered():
     assert attention.STAGES == tuple(ATTENTION_STAGES)
+
+
+# ---- the page to explore (--html), and what a real browser makes of it ----
+
+def page_data(html):
+    """The data inside the page, and its weights decoded as the page's script decodes them."""
+    data = json.loads(html.split("const DATA = ", 1)[1].split(";\n", 1)[0])
+    T = len(data["prompt"])
+    raw = torch.frombuffer(bytearray(base64.b64decode(data["weights"])), dtype=torch.uint8)
+    return data, raw.view(data["layers"], data["heads"], T, T).float() / 255
+
+
+def test_the_page_holds_the_model_s_weights_and_asks_for_nothing_outside_it(attention_stage, run, corpus,
+                                                                            tmp_path):
+    stage, out_dir = attention_stage, tmp_path / "out" / name(attention_stage)
+    corpus.write_text(corpus.read_text() + '\nROMEO:\nthe <b>"</b>&\n')
+    assert run(stage, "--data", corpus)[0] == 0
+    output = tmp_path / "page.html"
+    prompt = 'ROMEO:\nthe <b>"'                                       # markup in the prompt: text, not tags
+    assert attention.main(["--stage", name(stage), "--prompt", prompt, "--out_dir", str(out_dir),
+                           "--html", str(output)]) == 0
+    html = output.read_text(encoding="utf-8")
+    assert not re.search(r"\b(src|href)\s*=|https?://|<link|@import", html)   # no network, no file beside it
+    data, weights = page_data(html)
+    assert data["prompt"] == prompt and data["stage"] == name(stage) and data["step"] == 20
+    layers = harness.load(stage, out_dir).attention(prompt)
+    assert weights.shape == (len(layers), layers[0].shape[0], len(prompt), len(prompt))
+    assert torch.allclose(weights, torch.stack(layers), atol=0.5 / 255 + 1e-6)
+    assert "</script>" not in html.split("const DATA = ", 1)[1].split(";\n", 1)[0]
+
+
+@pytest.mark.skipif(attention.chromium() is None, reason="no Chromium here (apt-get install chromium; "
+                    ".ci/run installs it)")
+def test_a_real_browser_draws_a_panel_per_head_and_a_click_moves_the_highlight(tmp_path, run, corpus):
+    gpt = load_stage("gpt")
+    assert run(gpt, "--data", corpus)[0] == 0
+    output = tmp_path / "page.html"
+    assert attention.main(["--stage", "gpt", "--prompt", PROMPT, "--out_dir", str(tmp_path / "out" / "gpt"),
+                           "--html", str(output)]) == 0
+    _, weights = page_data(output.read_text(encoding="utf-8"))
+    shown = {}
+    for t in (4, 8):                                               # a real click on character t, in the page
+        dom = attention.render(output, f"click={t}&enlarge=2,1")
+        assert 'data-ready="yes"' in dom, dom[-500:]               # the script ran to its end
+        panels = re.findall(r'<div class="panel" data-layer="(\d)" data-head="(\d)"', dom)
+        assert panels == [(str(l), str(h)) for l in (1, 2) for h in (1, 2)]   # one per head, layer by layer
+        assert re.findall(r'class="char selected"[^>]*data-char="(\d+)"', dom) == [str(t)]
+        strip = dom.split('data-layer="1" data-head="1"', 1)[1].split('class="strip"', 1)[1].split("</div>", 1)[0]
+        shown[t] = [float(w) for w in re.findall(r'data-weight="([\d.]+)"', strip)]
+        assert shown[t] == pytest.approx(weights[0, 0, t].tolist(), abs=1e-3)   # what it takes, up to t
+        assert all(w == 0 for w in shown[t][t + 1:])               # nothing from the future
+        assert 'id="large"' in dom and 'id="large" hidden' not in dom and "layer 2, head 1" in dom
+    assert shown[4] != shown[8]

@@ -76,6 +76,20 @@ def test_unknown_option_and_bad_number_are_one_line_usage_errors(bigram, run, co
     assert code == 2 and "unrecognized arguments: --n_layer" in err
 
 
+def test_one_thing_at_a_time_and_an_empty_path_is_still_a_path(bigram, run, corpus, tmp_path):
+    """Review finding: --evaluate "" trained a new run, setting the earlier one aside."""
+    assert run(bigram, "--data", corpus)[0] == 0
+    out_dir = tmp_path / "out" / "bigram"
+    code, _, err = run(bigram, "--evaluate", "", tiny=False, out_dir=out_dir)
+    assert_one_line_error(code, err, "cannot read data file")
+    assert not (out_dir / "previous-1").exists()
+    for both in (["--sample", "--resume"], ["--sample", "--evaluate", str(corpus)]):
+        code, _, err = run(bigram, *both, tiny=False, out_dir=out_dir)
+        assert code == 2 and "not allowed with argument" in err and err.count("\n") == 1
+    code, _, err = run(bigram, "--data", corpus, "--out_dir", "")
+    assert_one_line_error(code, err, "--out_dir cannot be empty")
+
+
 def test_bad_prompt_is_refused_before_training(bigram, run, corpus, tmp_path):
     for prompt, fragment in (("€", "not in the model's vocabulary"), ("", "at least one character"),
                              ("\udcff", "not in the model's vocabulary")):   # a byte that was not UTF-8

@@ -185,6 +185,13 @@ def damage(checkpoint, how):
         del state[next(iter(state))]["exp_avg_sq"]
     elif how == "a rate that is no number":
         checkpoint["optimizer"]["param_groups"][0]["lr"] = "oops"
+    elif how == "amsgrad":
+        checkpoint["optimizer"]["param_groups"][0]["amsgrad"] = True
+    elif how == "maximize":
+        checkpoint["optimizer"]["param_groups"][0]["maximize"] = "yes"
+    elif how == "a step of two numbers":
+        state = checkpoint["optimizer"]["state"]
+        state[next(iter(state))]["step"] = torch.tensor([1.0, 2.0])
     elif how == "no step":
         state = checkpoint["optimizer"]["state"]
         del state[next(iter(state))]["step"]
@@ -222,7 +229,8 @@ def damage(checkpoint, how):
 
 
 RESUME_ONLY = ["no optimizer", "shuffled log", "moments of another shape", "no betas", "no step", "no best",
-               "a log of tensors", "no second moment", "a rate that is no number"]   # what only last.pt holds
+               "a log of tensors", "no second moment", "a rate that is no number", "amsgrad", "maximize",
+               "a step of two numbers"]                            # what only last.pt holds
 BOTH = ["no config", "n_head 0", "vocab not text", "nan weights", "an unknown setting",
         "a setting that is not named", "a weight without a name", "a sparse weight", "a weight of another shape"]
 
@@ -295,7 +303,7 @@ def memory_need(stage, args, on_cpu=True):
     """What check_memory() must count, worked out here by hand, in bytes."""
     B, T = args.batch_size, args.block_size
     model = stage.make_model(1, args)
-    need = 2 * 8 * B * (T + 1)                                     # int64 ids and their targets
+    need = 2 * 8 * B * (T + 1) + 4 * args.eval_iters               # int64 ids and targets; estimates
     need += sum(b.numel() * b.element_size() for b in model.buffers())   # the attention masks
     need += (16 if on_cpu else 4) * sum(p.numel() for p in model.parameters())   # + gradients, 2 moments
     if on_cpu and hasattr(args, "n_embd"):
@@ -362,11 +370,21 @@ def test_what_fits_or_cannot_be_known_trains(bigram, corpus, run, monkeypatch, t
 
 
 def test_what_the_allocator_refuses_is_one_line(bigram, corpus, run, monkeypatch):
-    def refuse(*args):
+    real, calls = bigram.make_model, []
+
+    def refuse(*args):                                             # the shapes are counted; then
+        calls.append(1)                                            # the memory is refused
+        if len(calls) == 1:
+            return real(*args)
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
     monkeypatch.setattr(bigram, "make_model", refuse)
     code, _, err = run(bigram, "--data", corpus)
     assert_one_line_error(code, err, "out of memory: try a smaller --batch_size, --block_size or model")
+    for size, said in ((["--n_embd", str(2 ** 30)], "out of memory: these settings need at least"),
+                       (["--n_embd", str(10 ** 12)], "--n_embd must be below 2**31"),
+                       (["--eval_iters", str(10 ** 23)], "--eval_iters must be below 2**31")):
+        code, _, err = run(load_stage("single_attention"), "--data", corpus, *size)   # none a traceback
+        assert_one_line_error(code, err, said)
 
 
 @pytest.mark.parametrize("where", ["lock", "set_aside"])
@@ -435,7 +453,26 @@ def test_a_lock_the_filesystem_cannot_take_is_not_called_another_run(bigram, cor
 def test_a_script_beside_harness_gets_ctrl_c_back_once_pytorch_has_loaded(tmp_path):
     """Review finding: a learner's own script beside harness.py lost KeyboardInterrupt for good."""
     (tmp_path / "harness.py").write_text((ROOT / "harness.py").read_text())
-    (tmp_path / "explore.py").write_text("import signal, harness\n"
-                                         "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    (tmp_path / "explore.py").write_text("import signal\n"
+                                         "def mine(signum, frame): pass\n"
+                                         "signal.signal(signal.SIGINT, mine)\n"
+                                         "import harness\n"
+                                         "print(signal.getsignal(signal.SIGINT) is mine)\n")
     done = subprocess.run([sys.executable, "explore.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert done.stdout == "True\n", done.stderr
+    assert done.stdout == "True\n", done.stderr                   # its own handler, as it left it
+
+
+def test_resume_takes_only_the_run_s_own_best_model(bigram, corpus, run, tmp_path):
+    """Review finding: without ckpt.pt a finished run's resume failed at the end, and another
+    run's ckpt.pt of the same shape was taken for the run's own best model."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert run(bigram, "--data", corpus, "--max_iters", "20", out_dir=mine)[0] == 0
+    assert run(bigram, "--data", corpus, "--max_iters", "20", "--seed", "5", out_dir=other)[0] == 0
+    (mine / "ckpt.pt").write_bytes((other / "ckpt.pt").read_bytes())
+    torch.save(dict(torch.load(other / "ckpt.pt", weights_only=True), step=10), other / "ckpt.pt")
+    for folder in (mine, other):
+        code, _, err = run(bigram, "--data", corpus, "--resume", "--max_iters", "30", tiny=False, out_dir=folder)
+        assert_one_line_error(code, err, f"{folder / 'ckpt.pt'} is not the best model of the run to resume")
+    (mine / "ckpt.pt").unlink()
+    code, _, err = run(bigram, "--data", corpus, "--resume", "--max_iters", "30", tiny=False, out_dir=mine)
+    assert_one_line_error(code, err, f"no checkpoint at {mine / 'ckpt.pt'}")

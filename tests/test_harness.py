@@ -377,7 +377,7 @@ def test_without_a_gpu_the_preset_follows_the_precision_and_says_what_it_applies
     harness.configure(gpt, args, torch.device("cpu"))
     harness.unlock(args.out_dir)
     said = capsys.readouterr().out
-    assert f"no CUDA GPU: preset {preset}, about 5 minutes on 2 CPU cores in " in said
+    assert f"no CUDA GPU: preset {preset}, in " in said
     assert f"full configuration): batch_size {gpt.PRESETS[preset]['batch_size']}, " in said
     assert "n_layer" not in said                                   # the command line's, not the preset's
     assert (args.preset, args.n_layer, args.max_iters) == (preset, 3, gpt.PRESETS[preset]["max_iters"])
@@ -424,3 +424,9 @@ def test_the_notebook_lines_take_what_they_say(corpus, run, tmp_path):
         harness.load(bigram, tmp_path / "out" / "bigram", device="gpu")
     with pytest.raises(harness.CLIError, match="this model has no attention"):
         trained.attention("ROMEO")
+    for wrong in (dict(max_new_tokens=5.5), dict(max_new_tokens=-3), dict(seed=2 ** 64)):
+        with pytest.raises(harness.CLIError, match="must be a whole number from 0 to 2"):
+            trained.sample("ROMEO", **{"max_new_tokens": 5, **wrong})
+    with pytest.raises(harness.CLIError, match="no checkpoint at -x"):
+        harness.load(bigram, "-x")                                 # a folder's name, not an option
+    assert trained.args.preset is None and trained.args.saved_step == 20

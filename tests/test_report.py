@@ -60,3 +60,18 @@ def test_precisions_and_commands_of_one_machine_are_kept_apart():
              dict(float32, stage="bigram", report_command="python tools/report.py --max_iters 9")]
     text = report.render_markdown({"cpu": mixed})
     assert "the commands below the table" in text and "- `bigram.py`: `python tools/report.py --max_iters 9`" in text
+
+
+def test_rows_made_with_other_options_say_so_and_keep_apart(tmp_path, corpus, monkeypatch):
+    """Review finding: report.py --data other.txt would have replaced this machine's rows, labelled
+    as run with the defaults."""
+    monkeypatch.setattr(report, "run_stage", lambda stage, argv, log_path: load_stage(stage).main(argv))
+    paths = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json"), "--readme",
+             str(tmp_path / "README.md"), "--details", str(tmp_path / "d.md"), "--figure", str(tmp_path / "f.png")]
+    for extra in ([], ["--learning_rate", "0.02"]):
+        assert report.main(paths + ["--stages", "bigram", "--data", str(corpus), *TINY] + extra) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved) == 2                                         # two commands, two sets of rows
+    key = [key for key in saved if "0.02" in key][0]
+    assert saved[key][0]["report_command"].startswith(f"python tools/report.py {' '.join(paths)}")
+    assert f"--data {corpus}" in key and "each script with its defaults" not in report.render_markdown(saved)

@@ -261,12 +261,12 @@ def step_ms(module, args, device, attention, steps):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def bench_heads(device, presets, steps, repeats):
+def bench_heads(device, presets, steps, repeats, dtype=None):
     """A training step of gpt.py with its batched heads, (g), and with the list of heads of
     MultiHeadAttention: interleaved, the best of `repeats` each."""
     rows = []
     for preset in presets:                                     # each in the precision it is for
-        precision = ["--dtype", "float32"] if preset == "laptop-float32" else []
+        precision = ["--dtype", dtype or ("float32" if preset == "laptop-float32" else "auto")]
         module, args = resolved_args("gpt", ["--preset", preset, *precision], device)
         best = {"batched": math.inf, "list": math.inf}
         for _ in range(repeats):
@@ -322,7 +322,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[],
                         help='another gpt.py configuration, e.g. "n_layer=4 n_embd=128" (repeatable)')
-    parser.add_argument("--steps", type=int, default=200, help="training steps timed per configuration")
+    parser.add_argument("--steps", type=int, default=None, help="training steps timed per configuration "
+                        "(default 200; with --heads, 20)")
     parser.add_argument("--new_tokens", type=int, default=1000, help="tokens generated per sampling test")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--corpus", action="store_true", help="only the large-corpus loading test")
@@ -346,13 +347,13 @@ def main(argv=None):
         report["corpus"] = bench_corpus(args.data)
     elif args.heads:
         presets = ["full"] if device.type == "cuda" else ["laptop", "laptop-float32"]
-        report["heads"] = bench_heads(device, presets, 20, args.repeats)
+        report["heads"] = bench_heads(device, presets, args.steps or 20, args.repeats, args.dtype)
     else:
         precision = ["--dtype", args.dtype] if args.dtype else []
         configs = [(stage, "defaults", precision) for stage in STAGES]
         configs += [("gpt", config, config_argv(config) + precision) for config in [NANOGPT_CPU] + args.config]
         vocab_size = load("bigram").load_text(args.data)[0].vocab_size
-        report.update(bench_training(device, configs, args.steps, args.data, vocab_size, args.repeats))
+        report.update(bench_training(device, configs, args.steps or 200, args.data, vocab_size, args.repeats))
         report["sampling"] = bench_sampling(device, args.new_tokens, vocab_size, precision)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))

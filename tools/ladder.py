@@ -107,7 +107,7 @@ RUNGS = [
     ("+ feed-forward", "a feed-forward layer after the attention (gpt.py's: two layers, 4x wide, GELU; "
      "the lecture's at this step: one layer, ReLU)", 2.24, gpt, SMALL + ["--n_layer", "1"] + PLAIN,
      (lambda v, a: Rung(v, a, FeedForwardAfterAttention, False), plain_optimizer, constant_lr)),
-    ("+ residual blocks", "4 blocks, each part added to a residual stream", 2.08, gpt,
+    ("+ residual blocks", "4 blocks (the lecture's: 3), each part added to a residual stream", 2.08, gpt,
      SMALL + ["--n_layer", "4"] + PLAIN, (lambda v, a: Rung(v, a, ResidualBlock, False), plain_optimizer, constant_lr)),
     ("+ layer norm", "pre-norm in every block, one more at the end", 2.06, gpt, SMALL + ["--n_layer", "4"] + PLAIN,
      (lambda v, a: Rung(v, a, block_with_norms, True), plain_optimizer, constant_lr)),

@@ -19,6 +19,7 @@ import csv
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -68,9 +69,23 @@ def collect(stage, out_dir):
 
 
 def machine_key(runs):
-    """Rows are kept per machine and precision: a bfloat16 run never replaces a float32 one."""
+    """Rows are kept per machine, precision and command: a bfloat16 run never replaces a float32
+    one, nor a run on other text or at other settings one at the defaults."""
     first = runs[0]
-    return f"{first['device']}: {first['hardware']}, {first['dtype']}" + (", compiled" if first.get("compile") else "")
+    key = f"{first['device']}: {first['hardware']}, {first['dtype']}" + (", compiled" if first.get("compile") else "")
+    changed = first.get("report_options", [])                     # beyond --dtype, which the key names
+    return key + (f", {' '.join(changed)}" if changed else "")
+
+
+def report_options(argv):
+    """The options given to this report that change what the scripts compute, --dtype aside."""
+    options, skip = [], {"--out", "--results", "--readme", "--details", "--figure", "--render"}
+    for i, part in enumerate(argv):
+        name = part.split("=")[0]
+        if name in skip or (i and argv[i - 1] in skip and not part.startswith("--")):
+            continue
+        options.append(part)
+    return [part for i, part in enumerate(options) if part != "--dtype" and (not i or options[i - 1] != "--dtype")]
 
 
 def fmt_time(seconds):
@@ -94,8 +109,9 @@ def render_markdown(results, keys=None, samples=None):
         runs, first = results[key], results[key][0]
         commands = [m.get("report_command", "python tools/report.py") for m in runs]
         made_by = f"`{commands[0]}`" if len(set(commands)) == 1 else "the commands below the table"
+        how = "each script with its defaults" if not first.get("report_options") else "each script run by"
         lines += [f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}), "
-                  f"each script with its defaults, {made_by}:", "",
+                  f"{how}, {made_by}:", "",
                   "| script | adds | parameters | steps | characters seen | time | tokens/s | "
                   "val loss (nats) | bits/char |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -200,6 +216,7 @@ def main(argv=None):
                         help="where every machine's rows and samples go")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "loss_curves.png")
     args, extra = parser.parse_known_args(argv)                    # anything else goes to every script
+    report_argv = list(sys.argv[1:] if argv is None else argv)     # as typed, for the rows' command
     out = (args.out or ROOT / "out" / ("report-quick" if args.quick else "report")).resolve()
     args.data = args.data and os.path.abspath(args.data)          # the scripts run in the repository
     if args.quick:                                                 # a smoke pass never touches the README
@@ -219,7 +236,8 @@ def main(argv=None):
             seconds = run_stage(stage, argv + extra, out / f"{stage}.log")
             runs.append(collect(stage, out_dir))
             runs[-1]["seconds"] = seconds or runs[-1]["seconds"]
-            runs[-1]["report_command"] = " ".join(["python tools/report.py", *extra])
+            runs[-1]["report_command"] = shlex.join(["python", "tools/report.py", *report_argv])
+            runs[-1]["report_options"] = report_options(report_argv)
             print(f"report: {stage}.py: full val loss {runs[-1]['val_loss']:.4f} in "
                   f"{fmt_time(runs[-1]['seconds'])}", flush=True)
         kept = {m["stage"]: m for m in results.get(machine_key(runs), [])}   # stages not rerun stay
