@@ -71,9 +71,11 @@ def test_bad_requests_are_one_line(problem, run, corpus, tmp_path, capsys):
             "too long": ["--stage", "gpt", "--out_dir", str(out_dir), "--prompt", "the " * 10]}[problem]
     fragment = {"bigram": "bigram.py has no attention", "no checkpoint": "no checkpoint at",
                 "unknown characters": "not in the model's vocabulary", "too long": "more than the model's context of 16"}
-    capsys.readouterr()
-    code = attention.main(argv)
-    assert_one_line_error(code, capsys.readouterr().err, "attention: error:", fragment[problem])
+    for page in ([], ["--html", str(tmp_path / "page.html")]):        # the picture, or the page
+        capsys.readouterr()
+        code = attention.main(argv + page)
+        assert_one_line_error(code, capsys.readouterr().err, "attention: error:", fragment[problem])
+        assert not (tmp_path / "page.html").exists()
 
 
 def test_every_attention_stage_is_offered():
