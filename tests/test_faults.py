@@ -450,18 +450,6 @@ def test_a_lock_the_filesystem_cannot_take_is_not_called_another_run(bigram, cor
     assert [p.name for p in (tmp_path / "out" / "bigram").iterdir()] == ["run.lock"]   # not held: not removed
 
 
-def test_a_script_beside_harness_gets_ctrl_c_back_once_pytorch_has_loaded(tmp_path):
-    """Review finding: a learner's own script beside harness.py lost KeyboardInterrupt for good."""
-    (tmp_path / "harness.py").write_text((ROOT / "harness.py").read_text())
-    (tmp_path / "explore.py").write_text("import signal\n"
-                                         "def mine(signum, frame): pass\n"
-                                         "signal.signal(signal.SIGINT, mine)\n"
-                                         "import harness\n"
-                                         "print(signal.getsignal(signal.SIGINT) is mine)\n")
-    done = subprocess.run([sys.executable, "explore.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert done.stdout == "True\n", done.stderr                   # its own handler, as it left it
-
-
 def test_resume_takes_only_the_run_s_own_best_model(bigram, corpus, run, tmp_path):
     """Review finding: without ckpt.pt a finished run's resume failed at the end, and another
     run's ckpt.pt of the same shape was taken for the run's own best model."""
