@@ -145,6 +145,11 @@ def ln(n):
     return math.log(n)
 
 
+def snapshot(folder):
+    """A folder's files and their bytes, to check that nothing in it changed."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
 def assert_one_line_error(code, err, *fragments):
     assert code not in (0, None)
     lines = err.strip().splitlines()

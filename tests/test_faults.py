@@ -14,11 +14,8 @@ import pytest
 import torch
 
 import harness
-from conftest import ATTENTION_STAGES, ROOT, assert_one_line_error, ctrl_c_during_step, load_stage, tiny_args
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+from conftest import (ATTENTION_STAGES, ROOT, assert_one_line_error, ctrl_c_during_step, load_stage, snapshot,
+                      tiny_args)
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_earlier_checkpoint_survives(bigram, corpus, run,

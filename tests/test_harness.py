@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import harness
-from conftest import ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, name, tiny_args
+from conftest import ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, name, snapshot, tiny_args
 
 
 def read_log(path):
@@ -311,10 +311,6 @@ def test_nothing_to_resume_says_so(bigram, corpus, run, tmp_path):
 
 
 # ---- the earlier run, set aside ----
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
 
 def test_a_new_run_sets_the_earlier_run_aside_all_together_at_its_first_save(bigram, corpus, run, tmp_path,
                                                                               monkeypatch):

@@ -40,8 +40,9 @@ def imported(name):
     return names
 
 
-def changed_lines(before, after):
-    a, b = source(before).splitlines(), source(after).splitlines()
+def changed_lines(old, new):
+    """The lines of old that diff removes, and those of new that it adds."""
+    a, b = old.splitlines(), new.splitlines()
     opcodes = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
     return ([line for tag, i1, i2, _, _ in opcodes if tag != "equal" for line in a[i1:i2]],
             [line for tag, _, _, j1, j2 in opcodes if tag != "equal" for line in b[j1:j2]])
@@ -89,22 +90,15 @@ def test_the_lesson_s_shared_parts_are_identical(before, after):
             continue
         old, new = inspect.getsource(getattr(a, name)), inspect.getsource(getattr(b, name))
         if after == "gpt" and name in ("Head", "MultiHeadAttention"):   # (d) adds dropout, nothing else
-            removed, added = changed_lines_of(old, new)             # each changed line: for dropout
+            removed, added = changed_lines(old, new)             # each changed line: for dropout
             assert all("dropout" in line for line in added) and len(removed) <= len(added), (name, added)
             continue
         assert old == new, name
 
 
-def changed_lines_of(old, new):
-    a, b = old.splitlines(), new.splitlines()
-    opcodes = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-    return ([line for tag, i1, i2, _, _ in opcodes if tag != "equal" for line in a[i1:i2]],
-            [line for tag, _, _, j1, j2 in opcodes if tag != "equal" for line in b[j1:j2]])
-
-
 @pytest.mark.parametrize("before, after", PAIRS)
 def test_diff_shows_one_step_and_no_tag_moves_on_a_line_that_does_not_change(before, after):
-    removed, added = changed_lines(before, after)
+    removed, added = changed_lines(source(before), source(after))
     assert len(removed) + len(added) <= BUDGET[(before, after)], len(removed) + len(added)
     moved = {TAG.sub("", line) for line in removed} & {TAG.sub("", line) for line in added}
     assert not moved, moved                                        # the same line, only its tag changed
