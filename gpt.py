@@ -55,7 +55,8 @@ PRESETS = {"laptop": LAPTOP, "laptop-float32": LAPTOP_FLOAT32}
 SETTINGS = dict(
     seed=1337,              # the same seed gives the same run and the same sample
     data="input.txt",       # the text to train on (tiny Shakespeare, downloaded if missing)
-    dtype="auto",           # bfloat16 where the hardware computes it fast, else float32
+    dtype="auto",           # bfloat16 where the hardware computes it fast, else float32; on a
+                            # V100, T4 or RTX 20, float16 if the loop has a gradient scaler (gpt.py)
     temperature=1.0,        # sampling: 0 is greedy; below 1 more cautious, above 1 wilder
     top_k=0,                # sampling: only among the k likeliest characters (0: all)
     top_p=1.0,              # sampling: only among the likeliest that together make up top_p
@@ -395,14 +396,19 @@ def train(args, device):
         for group in optimizer.param_groups:                # NEW (e): warmup, then decay
             group["lr"] = get_lr(step, args)
         xb, yb = get_batch(train_data, args, device)
-        with autocast(device, args.dtype):  # args.dtype is what "auto" became here: with
-            logits, loss = training_model(xb, yb)  # "bfloat16", the matrix products run in it
+        with autocast(device, args.dtype):  # args.dtype: what "auto" became here; unless
+            logits, loss = training_model(xb, yb)  # "float32", matrix products run in it
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # NEW, not in the lecture: run.scaler, PyTorch's GradScaler (harness.py), is on in float16
+        # only: small gradients would round to 0 there, so the loss is scaled up before backward()
+        # and the gradients down before the step. Off, these are loss.backward(), optimizer.step()
+        run.scaler.scale(loss).backward()
         if args.grad_clip > 0:                              # NEW (e): a rare huge gradient
+            run.scaler.unscale_(optimizer)                  # (float16: first unscaled, in place)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # is scaled down
-        optimizer.step()
-        run.stepped(step + 1, loss)         # progress; a loss that is not a number stops the run
+        run.scaler.step(optimizer)                          # float16: no step if any is inf or NaN
+        run.scaler.update()                                 # float16: after a skip, half the scale
+        run.stepped(step + 1, loss)         # progress; a run whose loss is no longer a number stops
     return run.finish()                 # the best model's full loss and a sample; its metrics
 
 

@@ -5,8 +5,9 @@ makes it a program you can rely on: the command line, devices and precision, the
 download, checkpoints, resume, Ctrl-C, one run per folder, torchrun, metrics, --sample,
 --evaluate, and every problem told in one line. It imports no stage: a stage hands itself to
 run_command_line(), and only the names it defines are used (HYPERPARAMETERS, SETTINGS,
-CharTokenizer, make_model, train, generate, and gpt.py's PRESETS). In a notebook, after
-`python gpt.py`: `trained = harness.load(gpt)`, then `trained.sample("ROMEO:")` (the README).
+CharTokenizer, make_model, train, generate, and gpt.py's PRESETS; float16 only for a train()
+that calls run.scaler, as gpt.py's does). In a notebook, after `python gpt.py`:
+`trained = harness.load(gpt)`, then `trained.sample("ROMEO:")` (the README).
 """
 import argparse
 import contextlib
@@ -54,6 +55,7 @@ DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 RUN_FILES = ("ckpt.pt", "last.pt", "log.csv", "metrics.json")   # what a run writes to out_dir
 LOG_FIELDS = ("step", "train_loss", "val_loss", "train_seconds")   # a row of log.csv
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "dtype")
+SCALER = dict(growth_factor=2.0, backoff_factor=0.5, growth_interval=2000)   # PyTorch's, ours
 TEMP_PREFIX = ".tmp-"                               # a file being written, not yet renamed
 LOCKS = {}                                          # out_dir: its lock's file, the folders made
 WATCHING = []                                       # not empty: attention weights are recorded
@@ -213,7 +215,7 @@ def configure(stage, args, device):
                                f"{', '.join(RESUME_MAY_CHANGE)}")
     elif presets:
         if args.preset is None:                             # by the hardware
-            dtype = pick_dtype(args.dtype or stage.SETTINGS["dtype"], device)
+            dtype = pick_dtype(args.dtype or stage.SETTINGS["dtype"], device, stage, training)
             args.preset = "full" if device.type == "cuda" else \
                 "laptop" if dtype == "bfloat16" else "laptop-float32"
             if training and args.preset != "full":
@@ -233,7 +235,7 @@ def configure(stage, args, device):
     if training:                                            # --sample, --evaluate: the checkpoint's
         check_memory(stage, args, device)                   # model, made as it was trained
     args.planned_iters = args.resuming["planned_iters"] if args.resuming else args.max_iters
-    args.dtype = pick_dtype(args.dtype, device)
+    args.dtype = pick_dtype(args.dtype, device, stage, training)
     if device.type == "cuda":                               # TF32 matrix products: speed only
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -262,8 +264,9 @@ def check_settings(stage, values):
         raise CLIError(f"--top_p must be in (0, 1], not {values['top_p']}")
     if "n_head" in values and values["n_embd"] % values["n_head"]:
         raise CLIError(f"--n_head ({values['n_head']}) must divide --n_embd ({values['n_embd']})")
-    if values["dtype"] not in ("auto", "float32", "bfloat16"):
-        raise CLIError(f"--dtype must be auto, float32 or bfloat16, not {values['dtype']}")
+    if values["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise CLIError(f"--dtype must be auto, float32, bfloat16 or float16, not "
+                       f"{values['dtype']}")
     if values.get("preset") not in (None, "full", *getattr(stage, "PRESETS", {})):
         raise CLIError(f"--preset {values['preset']} is not one of this script's")
 
@@ -323,18 +326,55 @@ def pick_device(name):
     return torch.device(name)
 
 
-def pick_dtype(name, device):
-    """'auto': bfloat16 matrix products where the hardware has them fast, else float32."""
-    if name != "auto":
-        return name
-    if device.type == "cpu":
-        return "bfloat16" if getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() else "float32"
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+def pick_dtype(name, device, stage, training=True):
+    """'auto': bfloat16 where the hardware computes it natively: CPUs with AVX-512 BF16 (AMX
+    too), CUDA GPUs of compute capability 8.0 on (A100, H100, RTX 30 series and later). Those of
+    7.x (V100, T4, RTX 20) have tensor cores for float16 alone: float16 for a stage whose loop
+    scales its gradients (gpt.py), else float32. float32 elsewhere: older GPUs, other CPUs,
+    Apple's MPS. A precision this device or this PyTorch cannot train in is refused."""
+    if name == "auto" and device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", None)    # none in 2.1 to 2.4
+        native = native() if native else "avx512_bf16" in cpu_info().get("flags", "").split()
+        name = "bfloat16" if native else "float32"
+    elif name == "auto" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        name = "bfloat16" if capability >= (8, 0) else \
+            "float16" if capability >= (7, 0) and scales_gradients(stage) else "float32"
+    elif name == "auto":
+        name = "float32"
+    if name != "float32" and device.type == "mps":          # its autocast: none before 2.5
+        raise CLIError(f"--dtype {name}: on Apple's MPS this repository trains in float32 only")
+    if name == "float16" and training and not scales_gradients(stage):
+        raise CLIError(f"--dtype float16 needs a gradient scaler in the training loop, and "
+                       f"{Path(stage.__file__).name} has none (gpt.py has): use float32")
+    if name == "float16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
+        raise CLIError(f"--dtype float16 on the CPU needs PyTorch 2.3 or later (this is "
+                       f"{torch.__version__}): use float32, or a CUDA GPU")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CLIError("--dtype bfloat16: this GPU cannot compute in it; use float16 or float32")
+    return name
+
+
+def scales_gradients(stage):
+    """Whether the stage's training loop calls run.scaler, which float16 needs (gpt.py's does)."""
+    return "scaler" in stage.train.__code__.co_names
 
 
 def autocast(device, dtype_name):
-    """Matrix products in bfloat16 inside this block if dtype_name says so; weights stay float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
+    """Matrix products in bfloat16 or float16 inside this block if dtype_name says so; weights
+    stay float32. In float32 it does nothing (torch.autocast turned off would refuse "mps" on
+    PyTorch 2.1 to 2.4)."""
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype_name))
+
+
+def grad_scaler(device, dtype_name):
+    """float16's gradient scaler; in another precision one that is off: its scale() and unscale_()
+    change nothing, its step() is the optimizer's. (Before PyTorch 2.3: CUDA's alone.)"""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
+    return torch.cuda.amp.GradScaler(enabled=dtype_name == "float16")
 
 
 def to_device(batch, device):
@@ -349,11 +389,7 @@ def hardware_name(device):
     decide its speed here (bfloat16 is fast only from AVX-512 BF16 on)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    info = {}
-    with contextlib.suppress(OSError):                      # Linux; elsewhere, what platform knows
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            fields = (line.partition(":") for line in f)
-            info = {key.strip(): value.strip() for key, _, value in fields}
+    info = cpu_info()
     name = info.get("model name", platform.processor() or platform.machine())
     if device.type == "mps":
         return f"Apple MPS ({name})"
@@ -361,6 +397,15 @@ def hardware_name(device):
     isa = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"),
                                      ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
     return f"{name}, {torch.get_num_threads()} threads" + (f", {isa[0]}" if isa else "")
+
+
+def cpu_info():
+    """Linux's /proc/cpuinfo as {field: value}; {} elsewhere."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            fields = (line.partition(":") for line in f)
+            return {key.strip(): value.strip() for key, _, value in fields}
+    return {}
 
 
 # ---- more than one process: torchrun and DistributedDataParallel (gpt.py) ----
@@ -675,6 +720,9 @@ def load_checkpoint(stage, path, resume=False):
     for field, kind in fields.items():
         if not isinstance(checkpoint.get(field), kind):
             raise CLIError(f"{path} is damaged: its {field} is missing or not a {kind.__name__}")
+    if resume and not (is_scaler_state(checkpoint.get("scaler", {}))    # none in an earlier
+                       and type(checkpoint.get("skipped", 0)) is int):     # last.pt: float32's {}
+        raise CLIError(f"{path} is damaged: its gradient scaler's state is not one")
     config, chars, number = checkpoint["config"], checkpoint["vocab"], (int, float)
     try:
         if sorted(config, key=str) != sorted(saved_settings(stage)):
@@ -695,6 +743,16 @@ def load_checkpoint(stage, path, resume=False):
             and (best["step"] is None or type(best["step"]) is int)):
         raise CLIError(f"{path} is damaged: its log of evaluations is not one")
     return checkpoint
+
+
+def is_scaler_state(state):
+    """Whether state is float16's gradient scaler's, as saved ({} in other precisions): PyTorch's
+    own factors, which this code keeps, a scale float32 can hold, a count of clean steps."""
+    return state == {} or isinstance(state, dict) and all(
+        type(state.get(k)) is type(v) and state[k] == v for k, v in SCALER.items()) and \
+        type(state.get("scale")) is float and 0 < state["scale"] < 2.0 ** 128 and \
+        type(state.get("_growth_tracker")) is int and \
+        0 <= state["_growth_tracker"] < SCALER["growth_interval"]
 
 
 def saved_model(stage, args, device):
@@ -764,9 +822,10 @@ def set_ctrl_c(handler):
 
 # ---- training: what the loop of each stage's train() calls on ----
 
-def resume(args, model, optimizer, tokenizer, device):
-    """Put last.pt's state into the model, the optimizer and the random-number generators.
-    Returns what the run had done: (step, log, best, training seconds)."""
+def resume(args, model, optimizer, scaler, tokenizer, device):
+    """Put last.pt's state into the model, the optimizer, float16's gradient scaler and the
+    random-number generators. Returns what the run had done: (step, log, best, training
+    seconds, steps the scaler skipped)."""
     saved, path = args.resuming, os.path.join(args.out_dir, "last.pt")
     if saved["vocab"] != tokenizer.chars:
         raise CLIError(f"the run to resume was trained on other characters than {args.data}")
@@ -785,11 +844,13 @@ def resume(args, model, optimizer, tokenizer, device):
     try:
         model.load_state_dict(saved["model"])
         load_optimizer_state(optimizer, saved["optimizer"])
+        if saved.get("scaler"):                             # else saved in another precision:
+            scaler.load_state_dict(saved["scaler"])         # float16 starts a new scale
         set_rng_state(saved["rng"][rank()], device)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
-        raise CLIError(f"{path} is damaged: its model or optimizer does not fit")
+        raise CLIError(f"{path} is damaged: its model, optimizer or scaler does not fit")
     print(f"resuming from {path} at step {saved['step']}")
-    return saved["step"], saved["log"], saved["best"], saved["seconds"]
+    return saved["step"], saved["log"], saved["best"], saved["seconds"], saved.get("skipped", 0)
 
 
 class CtrlC:
@@ -811,12 +872,12 @@ class CtrlC:
 
 class TrainingRun:
     """What a stage's training loop calls on: first_step, evaluated(), stepped(), interrupted and
-    finish(), and gpt.py's for_training(). It checks the text and the prompt, resumes, keeps the
-    progress bar, the log and the best model (rank 0 writes), and stops a loss that is no longer
-    a number. Resume is exact: the estimates draw batches from a generator of their own, so the
-    run's random numbers depend on its steps alone, and last.pt holds them all. Only scheduled
-    evaluations choose the best model; a Ctrl-C saves last.pt between two steps. So a resumed
-    run ends with the files of a run that never stopped."""
+    finish(), and gpt.py's for_training() and scaler. It checks the text and the prompt, resumes,
+    keeps the progress bar, the log and the best model (rank 0 writes), and stops a run whose
+    loss is no longer a number. Resume is exact: the estimates draw batches from a generator of
+    their own, so the run's random numbers depend on its steps alone, and last.pt holds them all.
+    Only scheduled evaluations choose the best model; a Ctrl-C saves last.pt between two steps. So
+    a resumed run ends with the files of a run that never stopped."""
 
     def __init__(self, args, device, model, optimizer, tokenizer, train_data, val_data):
         self.args, self.device, self.model, self.optimizer = args, device, model, optimizer
@@ -828,11 +889,12 @@ class TrainingRun:
                                f"characters, fewer than block_size + 1 = {args.block_size + 1}")
         encode_prompt(tokenizer, args)                      # a bad prompt fails now, not at the end
         self.paths = {name: os.path.join(args.out_dir, name) for name in RUN_FILES}
-        self.first_step, self.log, self.best, self.seconds_before = 0, [], \
-            dict(step=None, val_loss=math.inf), 0.0
+        self.scaler = grad_scaler(device, args.dtype)      # gpt.py's loop calls it
+        self.first_step, self.log, self.best, self.seconds_before, self.skipped = 0, [], \
+            dict(step=None, val_loss=math.inf), 0.0, 0
         if args.resuming:
-            self.first_step, self.log, self.best, self.seconds_before = \
-                resume(args, model, optimizer, tokenizer, device)
+            self.first_step, self.log, self.best, self.seconds_before, self.skipped = \
+                resume(args, model, optimizer, self.scaler, tokenizer, device)
         elif self.world > 1:                                # each process draws its own batches
             torch.manual_seed(args.seed + rank())
         self.moved_aside = bool(args.resuming)              # a resumed run's files are its own
@@ -841,11 +903,13 @@ class TrainingRun:
         name = args.prog[:-3]
         print(f"{name}: {self.n_params:,} parameters; {len(train_data) + len(val_data):,} "
               f"characters, {tokenizer.vocab_size} distinct; {device} ({hardware_name(device)}), "
-              f"{args.dtype}" + (f"; preset {args.preset}" if args.preset else ""))
+              f"{args.dtype}" + " with a gradient scaler" * self.scaler.is_enabled()
+              + (f"; preset {args.preset}" if args.preset else ""))
         self.bar = tqdm(total=args.max_iters, initial=self.first_step, desc=name,
                         disable=None if rank() == 0 else True, dynamic_ncols=True)
         self.ctrl_c = CtrlC(self.world, self.bar.write)
-        self.pending, self.train_seconds, self.mark = [], 0.0, time.time()
+        self.pending, self.scales, self.scale = [], [], self.scaler.get_scale()
+        self.train_seconds, self.mark = 0.0, time.time()
         args.own_errors = True                              # from here on, each process's own
 
     @property
@@ -866,6 +930,8 @@ class TrainingRun:
         GPU, not one a step)."""
         self.step = step
         self.pending.append(loss.detach())
+        if self.scaler.is_enabled():        # the scale after the step; get_scale() would wait
+            self.scales.append(self.scaler._get_scale_async().clone())   # for the GPU
         self.bar.update(1)
         if len(self.pending) == 10 or step % self.args.eval_interval == 0:
             self.check_pending()
@@ -874,7 +940,9 @@ class TrainingRun:
 
     def check_pending(self):
         """The losses since the last look. Under torchrun the processes agree here on their mean
-        losses and on whether any was told to stop, so that all stop at the same step."""
+        losses and on whether any was told to stop, so that all stop at the same step. In float16
+        the scaler skips a step whose numbers overflow, halving its scale; at a scale of 1 or less
+        they overflow at their own size, or are not numbers: the run diverged."""
         values = torch.stack(self.pending).float() if self.pending else torch.zeros(0)
         if self.world > 1:
             shared = torch.cat([values.to(self.device),
@@ -882,9 +950,17 @@ class TrainingRun:
             together(torch.distributed.all_reduce, shared)
             values, self.ctrl_c.agreed = shared[:-1] / self.world, bool(shared[-1] > 0)
         losses, self.pending = values.tolist(), []
+        scales, self.scales = torch.stack(self.scales).tolist() if self.scales else [], []
         for i, value in enumerate(losses):
-            if not math.isfinite(value):
-                self.diverged(self.step - len(losses) + i + 1, f"training loss {value}")
+            step = self.step - len(losses) + i + 1
+            if not scales and not math.isfinite(value):
+                self.diverged(step, f"training loss {value}")
+            if scales and scales[i] < self.scale:           # float16: a step skipped
+                self.skipped += 1
+                if self.scale <= 1:                         # the scale that step used
+                    self.diverged(step, f"float16 overflowed even at a loss scale of "
+                                  f"{self.scale:g}; training loss {value}")
+            self.scale = scales[i] if scales else self.scale
         if losses:
             self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
@@ -951,8 +1027,8 @@ class TrainingRun:
             together(torch.distributed.all_gather_object, rng, rng_state(self.device))
         self.save("last.pt", model=self.model.state_dict(), log=self.log, best=self.best,
                   optimizer=self.optimizer.state_dict(), rng=rng, world_size=self.world,
-                  planned_iters=self.args.planned_iters,
-                  seconds=float(self.seconds_before + self.train_seconds))
+                  planned_iters=self.args.planned_iters, scaler=self.scaler.state_dict(),
+                  skipped=self.skipped, seconds=float(self.seconds_before + self.train_seconds))
         self.saved_step = self.step
 
     def finish(self):
@@ -992,6 +1068,9 @@ def final_report(run):
         warning = (f"no evaluation after step 0 beat the untrained model: the learning rate "
                    f"({args.learning_rate}) may be too high")
         print(f"warning: {warning}")
+    if run.scaler.is_enabled():
+        print(f"float16: the gradient scaler skipped {run.skipped} of {run.step} steps (those "
+              f"whose gradients overflowed)")
     print(f"saved {paths['ckpt.pt']}")
     samples = sample_text(args.stage, model, run.tokenizer, args, device, sys.stdout)
     row = next((row for row in run.log if row["step"] == best["step"]), {})
@@ -1005,7 +1084,8 @@ def final_report(run):
         train_seconds=run.seconds_before + run.train_seconds, seconds=time.time() - run.started,
         device=device.type, hardware=hardware_name(device), torch=torch.__version__,
         peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-        else None, world_size=run.world, sample=samples[0], **run.config())
+        else None, world_size=run.world, skipped_steps=run.skipped, sample=samples[0],
+        **run.config())
     atomic_write(paths["metrics.json"], json.dumps(metrics, indent=2).encode("utf-8"))
     return metrics
 

@@ -38,7 +38,8 @@ HYPERPARAMETERS = dict(
 SETTINGS = dict(
     seed=1337,              # the same seed gives the same run and the same sample
     data="input.txt",       # the text to train on (tiny Shakespeare, downloaded if missing)
-    dtype="auto",           # bfloat16 where the hardware computes it fast, else float32
+    dtype="auto",           # bfloat16 where the hardware computes it fast, else float32; on a
+                            # V100, T4 or RTX 20, float16 if the loop has a gradient scaler (gpt.py)
     temperature=1.0,        # sampling: 0 is greedy; below 1 more cautious, above 1 wilder
     top_k=0,                # sampling: only among the k likeliest characters (0: all)
     top_p=1.0,              # sampling: only among the likeliest that together make up top_p
@@ -243,12 +244,12 @@ def train(args, device):
         if step == args.max_iters or run.interrupted:       # interrupted: by a Ctrl-C
             break
         xb, yb = get_batch(train_data, args, device)
-        with autocast(device, args.dtype):  # args.dtype is what "auto" became here: with
-            logits, loss = model(xb, yb)    # "bfloat16", the matrix products run in it
+        with autocast(device, args.dtype):  # args.dtype: what "auto" became here; unless
+            logits, loss = model(xb, yb)    # "float32", matrix products run in it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.stepped(step + 1, loss)         # progress; a loss that is not a number stops the run
+        run.stepped(step + 1, loss)         # progress; a run whose loss is no longer a number stops
     return run.finish()                 # the best model's full loss and a sample; its metrics
 
 

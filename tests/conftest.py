@@ -1,4 +1,5 @@
 """Shared fixtures: the four stage scripts, tiny settings for each, a tiny corpus, and main(argv)."""
+import csv
 import importlib
 import json
 import math
@@ -40,6 +41,9 @@ def load_stage(name):
 def name(stage):
     return stage.__name__
 
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:                    # pytest.ini's workers share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 SCRATCH = {}                                                       # folder: made once per session
 
@@ -143,6 +147,20 @@ def run(capsys, tmp_path):
 
 def ln(n):
     return math.log(n)
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def losses_of(path):
+    """log.csv without the times: (step, train loss, val loss) per evaluation."""
+    return [(row["step"], row["train_loss"], row["val_loss"]) for row in read_log(path / "log.csv")]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
 
 
 def snapshot(folder):

@@ -42,7 +42,7 @@ def test_unreadable_data_file(bigram, run, tmp_path):
     ("--learning_rate", "nan", "--learning_rate must be positive"),
     ("--num_samples", "0", "--num_samples must be at least 1"),
     ("--max_new_tokens", "-1", "--max_new_tokens cannot be negative"),
-    ("--dtype", "float8", "--dtype must be auto, float32 or bfloat16"),
+    ("--dtype", "float8", "--dtype must be auto, float32, bfloat16 or float16"),
     ("--temperature", "-0.5", "--temperature cannot be negative"),
     ("--top_k", "-1", "--top_k cannot be negative"),
     ("--top_p", "0", "--top_p must be in (0, 1]"),

@@ -52,6 +52,17 @@ def test_the_peak_is_measured_each_round_and_its_best_kept(monkeypatch, capsys):
     assert "float32 300 GFLOP/s" in capsys.readouterr().out
 
 
+
+def test_a_float16_run_gets_a_float16_peak(monkeypatch):
+    """Review finding: gpt.py takes float16 on a V100 or T4, and the table had no peak for it."""
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: {torch.float16: 500.0}.get(dtype, 100.0))
+    monkeypatch.setattr(bench, "time_training", lambda *args: dict(
+        tokens_per_sec=1000.0, dtype="float16", params=1, peak_rss_mb=1.0))
+    config = [("gpt", "nanoGPT", bench.config_argv(bench.NANOGPT_CPU))]
+    row, = bench.bench_training(torch.device("cpu"), config, 1, None, 65, repeats=1)["training"]
+    assert row["of_peak"] == row["flops_per_token"] * 1000.0 / 1e9 / 500.0
+
+
 @pytest.mark.skipif(not bench.HAS_PROC, reason="no /proc: the bench keeps wait4's ru_maxrss there")
 def test_a_script_s_peak_memory_is_its_own_not_the_bench_s(tmp_path):
     """On Linux a child is credited with the memory of the process that started it: here, the

@@ -1,4 +1,6 @@
 """On a CUDA machine only (skipped elsewhere): the GPU paths of the scripts."""
+import re
+
 import pytest
 import torch
 
@@ -13,7 +15,10 @@ def test_every_stage_trains_resumes_and_samples_on_cuda(stage, run, corpus, tmp_
     code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--dtype", "auto", "--max_iters", "10")
     assert code == 0, err
     metrics = run.metrics(stage)
-    assert metrics["device"] == "cuda" and metrics["dtype"] == "bfloat16"
+    capability = torch.cuda.get_device_capability()
+    expected = "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) and \
+        stage.__name__ == "gpt" else "float32"
+    assert metrics["device"] == "cuda" and metrics["dtype"] == expected
     code, out, err = run(stage, "--data", corpus, "--device", "cuda", "--resume", "--max_iters", "20",
                          tiny=False, out_dir=tmp_path / "out" / stage.__name__)
     assert code == 0, err
@@ -58,3 +63,20 @@ def test_the_attention_weights_of_a_trained_model_on_cuda(run, corpus, tmp_path,
     assert run(gpt, "--data", corpus, "--device", "cuda")[0] == 0
     layers = harness.load(gpt, tmp_path / "out" / "gpt", device="cuda").attention("ROMEO:")
     assert len(layers) == 2 and layers[0].is_cuda
+
+
+def test_float16_trains_and_resumes_on_cuda(run, corpus, tmp_path):
+    gpt = load_stage("gpt")
+    out_dir = tmp_path / "out" / "gpt"
+    code, out, err = run(gpt, "--data", corpus, "--device", "cuda", "--dtype", "float16", "--max_iters", "10")
+    assert code == 0 and "float16 with a gradient scaler" in out, err
+    code, out, err = run(gpt, "--data", corpus, "--device", "cuda", "--resume", "--max_iters", "20", tiny=False,
+                         out_dir=out_dir)
+    assert code == 0 and re.search(r"float16: the gradient scaler skipped \d+ of 20 steps", out), err
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    assert run.metrics(gpt)["dtype"] == "float16" and last["scaler"]["scale"] > 0
+
+
+def test_the_cpu_and_the_gpu_agree_on_the_first_steps(corpus, capsys):
+    import parity
+    assert parity.main(["--device", "cuda", "--steps", "20", "--data", str(corpus)]) == 0, capsys.readouterr().out

@@ -171,6 +171,10 @@ def test_an_untrained_best_model_is_reported_as_such(bigram, corpus, run, monkey
     assert "warning: no evaluation after step 0 beat the untrained model" in out
 
 
+SCALER_DAMAGE = {"a scale beyond float32": dict(scale=1e300), "a scale that never backs off": dict(backoff_factor=2.0),
+                 "a growth interval of 2000.0": dict(growth_interval=2000.0), "a tracker below 0": dict(_growth_tracker=-1)}
+
+
 def damage(checkpoint, how):
     if how == "moments of another shape":
         state = checkpoint["optimizer"]["state"]
@@ -222,20 +226,45 @@ def damage(checkpoint, how):
         next(iter(checkpoint["model"].values())).fill_(math.nan)
     elif how == "shuffled log":
         checkpoint["log"] = [[0, 1.0]]
+    elif how == "a scaler of another kind":
+        checkpoint["scaler"] = [65536.0]
+    elif how == "a scale that is no number":
+        checkpoint["scaler"] = dict(scale="big", growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                                    _growth_tracker=0)
+    elif how == "a scale of 0":
+        checkpoint["scaler"] = dict(scale=0.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                                    _growth_tracker=0)
+    elif how == "skipped steps not counted":
+        checkpoint["skipped"] = "3"
+    elif how in SCALER_DAMAGE:                                     # review findings: each once got through
+        checkpoint["scaler"] = dict(dict(scale=65536.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                                         _growth_tracker=0), **SCALER_DAMAGE[how])
     return checkpoint
 
 
 RESUME_ONLY = ["no optimizer", "shuffled log", "moments of another shape", "no betas", "no step", "no best",
                "a log of tensors", "no second moment", "a rate that is no number", "amsgrad", "maximize",
-               "a step of two numbers"]                            # what only last.pt holds
+               "a step of two numbers", "a scaler of another kind", "a scale that is no number", "a scale of 0",
+               "skipped steps not counted", *SCALER_DAMAGE]        # what only last.pt holds
 BOTH = ["no config", "n_head 0", "vocab not text", "nan weights", "an unknown setting",
         "a setting that is not named", "a weight without a name", "a sparse weight", "a weight of another shape"]
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished gpt.py run, trained once: each test damages a copy of it."""
+    return {}
+
+
 @pytest.mark.parametrize("how", RESUME_ONLY + BOTH + ["no val_loss"])
-def test_checkpoints_that_load_but_are_wrong_are_refused_in_one_line(gpt, how, corpus, run, tmp_path):
+def test_checkpoints_that_load_but_are_wrong_are_refused_in_one_line(gpt, how, corpus, run, tmp_path, finished):
     out_dir = tmp_path / "out" / "gpt"
-    assert run(gpt, "--data", corpus)[0] == 0
+    if not finished:
+        assert run(gpt, "--data", corpus, out_dir=tmp_path / "finished")[0] == 0
+        finished.update(snapshot(tmp_path / "finished"))          # on the same text as every test's
+    out_dir.mkdir(parents=True)
+    for name, data in finished.items():
+        (out_dir / name).write_bytes(data)
     if how == "no val_loss":                                       # ckpt.pt alone, read at the end
         torch.save(damage(torch.load(out_dir / "ckpt.pt", weights_only=True), how), out_dir / "ckpt.pt")
         code, _, err = run(gpt, "--data", corpus, "--resume", out_dir=out_dir)   # done: straight to the end

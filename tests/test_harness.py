@@ -1,7 +1,6 @@
 """harness.py, the machinery: training's outputs, checkpoints, resume, Ctrl-C, the earlier run,
 sampling, --evaluate, --help, presets, the lines for a notebook. It is the same for every stage,
 so it is tested on bigram.py, the fastest; gpt.py's own paths on gpt.py."""
-import csv
 import math
 import os
 import re
@@ -15,21 +14,8 @@ import pytest
 import torch
 
 import harness
-from conftest import ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, name, snapshot, tiny_args
-
-
-def read_log(path):
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def losses_of(path):
-    """log.csv without the times: (step, train loss, val loss) per evaluation."""
-    return [(row["step"], row["train_loss"], row["val_loss"]) for row in read_log(path / "log.csv")]
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
+from conftest import (ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, losses_of, name, read_log, snapshot,
+                      tiny_args, weights)
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(bigram, corpus, run, tmp_path):
@@ -141,7 +127,8 @@ def test_sampling_leaves_the_model_as_it_found_it(bigram, gpt):
             finally:
                 stage.generate = real
             assert model.training == mode and inside == [False]    # eval mode inside, the caller's after
-            assert not torch.is_autocast_enabled("cpu")            # no bfloat16 left on
+            on = torch.is_autocast_enabled("cpu") if torch.__version__ >= (2, 4) else torch.is_autocast_cpu_enabled()
+            assert not on                                          # no bfloat16 left on
 
 
 def test_samples_during_training_leave_the_run_unchanged_and_show_one_sample(bigram, corpus, run, tmp_path):
@@ -188,8 +175,13 @@ def test_help_shows_every_setting_s_whole_comment_without_lesson_markers(capsys)
 
 # ---- Ctrl-C and resume ----
 
-# learning rates at which each stage's validation loss falls to a best at step 20, then rises
-RISING_LR = {"bigram": "3", "gpt": "1"}
+def rising_at_the_end(monkeypatch):
+    """The estimate at step 30 made worse by 1: the validation loss falls to its best at step 20,
+    then rises, whatever this machine's numerics (a learning rate chosen to make it rise did so on
+    one PyTorch and one thread count, not on others)."""
+    real = harness.TrainingRun.evaluated
+    monkeypatch.setattr(harness.TrainingRun, "evaluated",
+                        lambda run, step, losses: real(run, step, dict(losses, val=losses["val"] + (step == 30))))
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +201,8 @@ def test_resume_after_ctrl_c_at_any_step_ends_as_an_unbroken_run(stage_name, sto
     adds dropout's random numbers and the learning-rate schedule."""
     stage = load_stage(stage_name)
     whole, broken = unbroken["folder"] / stage_name, tmp_path / "broken"
-    rising = ["--learning_rate", RISING_LR[stage_name], "--max_iters", "30", "--eval_interval", "10", *extra]
+    rising = ["--max_iters", "30", "--eval_interval", "10", *extra]
+    rising_at_the_end(monkeypatch)
     if not whole.exists():
         assert run(stage, "--data", corpus, *rising, out_dir=whole)[0] == 0
     val = [row[2] for row in losses_of(whole)]
@@ -217,6 +210,7 @@ def test_resume_after_ctrl_c_at_any_step_ends_as_an_unbroken_run(stage_name, sto
     ctrl_c_during_step(stage, monkeypatch, stop)
     code, out, err = run(stage, "--data", corpus, *rising, out_dir=broken)
     monkeypatch.undo()
+    rising_at_the_end(monkeypatch)
     assert code == 130 and err == "", err                          # stopped cleanly: no error line
     assert f"interrupted at step {stop}" in out and run.metrics(stage, broken)["interrupted"]
     assert [row[0] for row in losses_of(broken)] == [s for s in (0, 10, 20) if s <= stop]   # scheduled only
@@ -377,7 +371,7 @@ def test_a_crash_while_setting_aside_is_undone_and_resume_finds_the_earlier_run(
                                                  (True, "float32", "laptop-float32")])
 def test_without_a_gpu_the_preset_follows_the_precision_and_says_what_it_applies(gpt, bf16, dtype, preset,
                                                                                  capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
     argv = ["--n_layer", "3", "--out_dir", str(tmp_path / "out")] + (["--dtype", dtype] if dtype else [])
     args = harness.parse_args(gpt, argv)
     harness.configure(gpt, args, torch.device("cpu"))
@@ -389,7 +383,9 @@ def test_without_a_gpu_the_preset_follows_the_precision_and_says_what_it_applies
     assert (args.preset, args.n_layer, args.max_iters) == (preset, 3, gpt.PRESETS[preset]["max_iters"])
 
 
-def test_a_gpu_takes_the_full_configuration(gpt, no_tf32):         # configure() turns TF32 on
+def test_a_gpu_takes_the_full_configuration(gpt, no_tf32, monkeypatch):   # configure() turns TF32 on
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))   # an A100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     args = harness.parse_args(gpt, ["--sample"])
     harness.configure(gpt, args, torch.device("cuda"))
     assert (args.n_embd, args.preset) == (gpt.HYPERPARAMETERS["n_embd"], "full") == (384, "full")

@@ -75,3 +75,5 @@ def test_rows_made_with_other_options_say_so_and_keep_apart(tmp_path, corpus, mo
     key = [key for key in saved if "0.02" in key][0]
     assert saved[key][0]["report_command"].startswith(f"python tools/report.py {' '.join(paths)}")
     assert f"--data {corpus}" in key and "each script with its defaults" not in report.render_markdown(saved)
+    assert report.report_options(["--stages", "gpt", "bigram", "--out", "x", "--learning_rate", "0.02"]) == \
+        ["--learning_rate", "0.02"]                                # --stages: which run, not how

@@ -17,8 +17,8 @@ CHANGED_BY_GPT = {"generate", "train"}                             # (e), (f), (
 PAIRS = list(zip(STAGES, STAGES[1:]))
 # changed lines allowed between consecutive scripts, counted as `diff a.py b.py | grep -c '^[<>]'`
 BUDGET = {("bigram", "single_attention"): 70, ("single_attention", "multi_head_attn"): 35,
-          ("multi_head_attn", "gpt"): 220}
-MOST_LINES = {"bigram": 220, "single_attention": 260, "multi_head_attn": 280, "gpt": 450, "harness": 1200}
+          ("multi_head_attn", "gpt"): 229}                       # 9 of them float16's scaler
+MOST_LINES = {"bigram": 220, "single_attention": 260, "multi_head_attn": 280, "gpt": 450, "harness": 1240}
 MODEL_BY_LINE = {"bigram": 120, "single_attention": 120, "multi_head_attn": 120, "gpt": 135}   # after the settings
 MODEL_CLASS = {"bigram": "BigramLanguageModel", "single_attention": "SingleHeadLanguageModel",
                "multi_head_attn": "MultiHeadLanguageModel", "gpt": "GPT"}

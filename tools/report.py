@@ -78,13 +78,15 @@ def machine_key(runs):
 
 
 def report_options(argv):
-    """The options given to this report that change what the scripts compute, --dtype aside."""
-    options, skip = [], {"--out", "--results", "--readme", "--details", "--figure", "--render"}
-    for i, part in enumerate(argv):
-        name = part.split("=")[0]
-        if name in skip or (i and argv[i - 1] in skip and not part.startswith("--")):
-            continue
-        options.append(part)
+    """The options given to this report that change what the scripts compute, --dtype aside
+    (--stages only chooses which run)."""
+    options, skipping = [], False
+    skip = {"--out", "--results", "--readme", "--details", "--figure", "--render", "--stages"}
+    for part in argv:
+        if part.startswith("--"):                                 # an option, or its values after it
+            skipping = part.split("=")[0] in skip
+        if not skipping:
+            options.append(part)
     return [part for i, part in enumerate(options) if part != "--dtype" and (not i or options[i - 1] != "--dtype")]
 
 
@@ -173,7 +175,7 @@ def save_figure(fig, path, dpi=110):
 
 
 def draw(results, path):
-    """Validation loss of every stage against training time and against steps."""
+    """Validation loss of every stage in results against training time and against steps."""
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.8), sharey=True)
     colors = dict(zip(STAGES, ["tab:gray", "tab:orange", "tab:green", "tab:red"]))
     styles = itertools.cycle(["-", "--", ":", "-."])               # one per machine and precision
@@ -250,7 +252,7 @@ def main(argv=None):
     keys = summary_keys(results)
     update_readme(args.readme, render_markdown(results, keys, samples=keys[:1]))
     update_readme(args.details, render_markdown(results))
-    draw(results, args.figure)
+    draw({key: results[key] for key in keys}, args.figure)       # the README's rows, beside the figure
     print(f"report: wrote {args.readme}, {args.details}, {args.figure} and {args.results}")
     return 0
 
