@@ -332,16 +332,14 @@ def pick_dtype(name, device, stage, training=True):
     7.x (V100, T4, RTX 20) have tensor cores for float16 alone: float16 for a stage whose loop
     scales its gradients (gpt.py), else float32. float32 elsewhere: older GPUs, other CPUs,
     Apple's MPS. A precision this device or this PyTorch cannot train in is refused."""
-    if name == "auto" and device.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", None)    # none in 2.1 to 2.4
-        native = native() if native else "avx512_bf16" in cpu_info().get("flags", "").split()
-        name = "bfloat16" if native else "float32"
-    elif name == "auto" and device.type == "cuda":
+    if name == "auto" and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         name = "bfloat16" if capability >= (8, 0) else \
             "float16" if capability >= (7, 0) and scales_gradients(stage) else "float32"
-    elif name == "auto":
-        name = "float32"
+    elif name == "auto":                                    # the CPU, or MPS: float32
+        check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)     # none in 2.1 to 2.4
+        native = check() if check else "avx512_bf16" in cpu_info().get("flags", "").split()
+        name = "bfloat16" if native and device.type == "cpu" else "float32"
     if name != "float32" and device.type == "mps":          # its autocast: none before 2.5
         raise CLIError(f"--dtype {name}: on Apple's MPS this repository trains in float32 only")
     if name == "float16" and training and not scales_gradients(stage):
@@ -372,9 +370,9 @@ def autocast(device, dtype_name):
 def grad_scaler(device, dtype_name):
     """float16's gradient scaler; in another precision one that is off: its scale() and unscale_()
     change nothing, its step() is the optimizer's. (Before PyTorch 2.3: CUDA's alone.)"""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
-    return torch.cuda.amp.GradScaler(enabled=dtype_name == "float16")
+    on = dtype_name == "float16"
+    return torch.amp.GradScaler(device.type, enabled=on) if hasattr(torch.amp, "GradScaler") \
+        else torch.cuda.amp.GradScaler(enabled=on)
 
 
 def to_device(batch, device):
@@ -720,8 +718,9 @@ def load_checkpoint(stage, path, resume=False):
     for field, kind in fields.items():
         if not isinstance(checkpoint.get(field), kind):
             raise CLIError(f"{path} is damaged: its {field} is missing or not a {kind.__name__}")
-    if resume and not (is_scaler_state(checkpoint.get("scaler", {}))    # none in an earlier
-                       and type(checkpoint.get("skipped", 0)) is int):     # last.pt: float32's {}
+    skipped = checkpoint.get("skipped", 0)                 # these two: none in an earlier last.pt
+    if resume and not (is_scaler_state(checkpoint.get("scaler", {}))
+                       and type(skipped) is int and skipped >= 0):
         raise CLIError(f"{path} is damaged: its gradient scaler's state is not one")
     config, chars, number = checkpoint["config"], checkpoint["vocab"], (int, float)
     try:
@@ -746,12 +745,12 @@ def load_checkpoint(stage, path, resume=False):
 
 
 def is_scaler_state(state):
-    """Whether state is float16's gradient scaler's, as saved ({} in other precisions): PyTorch's
-    own factors, which this code keeps, a scale float32 can hold, a count of clean steps."""
+    """Whether state is float16's gradient scaler's as saved ({} in other precisions): PyTorch's
+    factors, a power of two from 1 (a step skipped at 1 stops the run), a count of clean steps."""
     return state == {} or isinstance(state, dict) and all(
         type(state.get(k)) is type(v) and state[k] == v for k, v in SCALER.items()) and \
-        type(state.get("scale")) is float and 0 < state["scale"] < 2.0 ** 128 and \
-        type(state.get("_growth_tracker")) is int and \
+        type(state.get("scale")) is float and 1 <= state["scale"] < 2.0 ** 128 and \
+        math.frexp(state["scale"])[0] == 0.5 and type(state.get("_growth_tracker")) is int and \
         0 <= state["_growth_tracker"] < SCALER["growth_interval"]
 
 

@@ -172,7 +172,8 @@ def test_an_untrained_best_model_is_reported_as_such(bigram, corpus, run, monkey
 
 
 SCALER_DAMAGE = {"a scale beyond float32": dict(scale=1e300), "a scale that never backs off": dict(backoff_factor=2.0),
-                 "a growth interval of 2000.0": dict(growth_interval=2000.0), "a tracker below 0": dict(_growth_tracker=-1)}
+                 "a growth interval of 2000.0": dict(growth_interval=2000.0), "a tracker below 0": dict(_growth_tracker=-1),
+                 "a scale float32 rounds to 0": dict(scale=1e-300), "a scale no step leaves": dict(scale=3.0)}
 
 
 def damage(checkpoint, how):
@@ -236,6 +237,8 @@ def damage(checkpoint, how):
                                     _growth_tracker=0)
     elif how == "skipped steps not counted":
         checkpoint["skipped"] = "3"
+    elif how == "skipped steps below 0":
+        checkpoint["skipped"] = -7
     elif how in SCALER_DAMAGE:                                     # review findings: each once got through
         checkpoint["scaler"] = dict(dict(scale=65536.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
                                          _growth_tracker=0), **SCALER_DAMAGE[how])
@@ -245,7 +248,7 @@ def damage(checkpoint, how):
 RESUME_ONLY = ["no optimizer", "shuffled log", "moments of another shape", "no betas", "no step", "no best",
                "a log of tensors", "no second moment", "a rate that is no number", "amsgrad", "maximize",
                "a step of two numbers", "a scaler of another kind", "a scale that is no number", "a scale of 0",
-               "skipped steps not counted", *SCALER_DAMAGE]        # what only last.pt holds
+               "skipped steps not counted", "skipped steps below 0", *SCALER_DAMAGE]   # what only last.pt holds
 BOTH = ["no config", "n_head 0", "vocab not text", "nan weights", "an unknown setting",
         "a setting that is not named", "a weight without a name", "a sparse weight", "a weight of another shape"]
 

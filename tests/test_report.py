@@ -60,6 +60,11 @@ def test_precisions_and_commands_of_one_machine_are_kept_apart():
              dict(float32, stage="bigram", report_command="python tools/report.py --max_iters 9")]
     text = report.render_markdown({"cpu": mixed})
     assert "the commands below the table" in text and "- `bigram.py`: `python tools/report.py --max_iters 9`" in text
+    older_gpu = [dict(float32, stage="bigram"), dict(float32, dtype="float16")]   # auto on a T4
+    key = report.machine_key(older_gpu)                            # its own rows, not float32's
+    assert key.endswith(", float32 and float16") and key != report.machine_key([float32])
+    text = report.render_markdown({report.machine_key(older_gpu): older_gpu})
+    assert "(cpu, float32 and float16," in text and "| `gpt.py` (float16) |" in text and "| `bigram.py` (float32) |" in text
 
 
 def test_rows_made_with_other_options_say_so_and_keep_apart(tmp_path, corpus, monkeypatch):

@@ -14,8 +14,9 @@ gets. Each configuration runs --repeats times, interleaved with the others, and 
 best: on a shared machine one slow minute does not decide a row. Each row's GFLOP/s are
 compared with the matrix-multiply peak of the precision that row used, measured in the
 same run: once before each round of the rows, the best kept, as for the rows, so that a
-slow minute cannot flatter a fraction. A table goes to the terminal and everything to
-out/bench.json.
+slow minute cannot flatter a fraction (float16's, where a row took it, once after them).
+With --dtype float16 the stages without a gradient scaler train in float32. A table goes to
+the terminal and everything to out/bench.json.
 """
 import argparse
 import contextlib
@@ -352,7 +353,9 @@ def main(argv=None):
         report["heads"] = bench_heads(device, presets, args.steps or 20, args.repeats, args.dtype)
     else:
         precision = ["--dtype", args.dtype] if args.dtype else []
-        configs = [(stage, "defaults", precision) for stage in STAGES]
+        trains_in = {stage: ["--dtype", "float32"] if args.dtype == "float16" and not   # no scaler:
+                     harness.scales_gradients(load(stage)) else precision for stage in STAGES}   # float32
+        configs = [(stage, "defaults", trains_in[stage]) for stage in STAGES]
         configs += [("gpt", config, config_argv(config) + precision) for config in [NANOGPT_CPU] + args.config]
         vocab_size = load("bigram").load_text(args.data)[0].vocab_size
         report.update(bench_training(device, configs, args.steps or 200, args.data, vocab_size, args.repeats))

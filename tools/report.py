@@ -72,9 +72,15 @@ def machine_key(runs):
     """Rows are kept per machine, precision and command: a bfloat16 run never replaces a float32
     one, nor a run on other text or at other settings one at the defaults."""
     first = runs[0]
-    key = f"{first['device']}: {first['hardware']}, {first['dtype']}" + (", compiled" if first.get("compile") else "")
+    key = f"{first['device']}: {first['hardware']}, {precision(runs)}" + (", compiled" if first.get("compile") else "")
     changed = first.get("report_options", [])                     # beyond --dtype, which the key names
     return key + (f", {' '.join(changed)}" if changed else "")
+
+
+def precision(runs):
+    """The runs' precision, or each that they took: on a GPU of compute capability 7.x, float16
+    for gpt.py and float32 for the stages without its gradient scaler."""
+    return " and ".join(dict.fromkeys(m["dtype"] for m in runs))
 
 
 def report_options(argv):
@@ -112,14 +118,15 @@ def render_markdown(results, keys=None, samples=None):
         commands = [m.get("report_command", "python tools/report.py") for m in runs]
         made_by = f"`{commands[0]}`" if len(set(commands)) == 1 else "the commands below the table"
         how = "each script with its defaults" if not first.get("report_options") else "each script run by"
-        lines += [f"**{first['hardware']}** ({first['device']}, {first['dtype']}, PyTorch {first['torch']}), "
+        lines += [f"**{first['hardware']}** ({first['device']}, {precision(runs)}, PyTorch {first['torch']}), "
                   f"{how}, {made_by}:", "",
                   "| script | adds | parameters | steps | characters seen | time | tokens/s | "
                   "val loss (nats) | bits/char |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for m in runs:
             seen = m["iters"] * m["batch_size"] * m["block_size"]
-            lines.append(f"| `{m['stage']}.py` | {ADDS[m['stage']]} | {m['params']:,} | {m['iters']:,} | "
+            mixed = f" ({m['dtype']})" if " and " in precision(runs) else ""     # which took which
+            lines.append(f"| `{m['stage']}.py`{mixed} | {ADDS[m['stage']]} | {m['params']:,} | {m['iters']:,} | "
                          f"{seen / 1e6:.1f} M | {fmt_time(m['seconds'])} | {m['tokens_per_sec']:,.0f} | "
                          f"**{m['val_loss']:.3f}** | {m['val_bpc']:.3f} |")
         if len(set(commands)) > 1:
@@ -131,7 +138,7 @@ def render_markdown(results, keys=None, samples=None):
               "start to exit.", ""]
     for key in keys if samples is None else samples:
         first = results[key][0]
-        lines += [f"Samples on {first['hardware']} ({first['dtype']}), the first lines after a newline "
+        lines += [f"Samples on {first['hardware']} ({precision(results[key])}), the first lines after a newline "
                   "prompt:", ""]
         for m in results[key]:
             sample = [line for line in m["sample"].strip("\n").splitlines() if line.strip()][:3]
