@@ -163,6 +163,11 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def cpu_autocast_on():
+    """Whether autocast is on for the CPU here (PyTorch 2.4 on asks by device; before, by name)."""
+    return torch.is_autocast_enabled("cpu") if torch.__version__ >= (2, 4) else torch.is_autocast_cpu_enabled()
+
+
 def snapshot(folder):
     """A folder's files and their bytes, to check that nothing in it changed."""
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import harness
-from conftest import (ROOT, SCRATCH, STAGES, ctrl_c_during_step, load_stage, losses_of, name, read_log, snapshot,
-                      tiny_args, weights)
+from conftest import (ROOT, SCRATCH, STAGES, cpu_autocast_on, ctrl_c_during_step, load_stage, losses_of, name,
+                      read_log, snapshot, tiny_args, weights)
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(bigram, corpus, run, tmp_path):
@@ -127,8 +127,7 @@ def test_sampling_leaves_the_model_as_it_found_it(bigram, gpt):
             finally:
                 stage.generate = real
             assert model.training == mode and inside == [False]    # eval mode inside, the caller's after
-            on = torch.is_autocast_enabled("cpu") if torch.__version__ >= (2, 4) else torch.is_autocast_cpu_enabled()
-            assert not on                                          # no bfloat16 left on
+            assert not cpu_autocast_on()                           # no bfloat16 left on
 
 
 def test_samples_during_training_leave_the_run_unchanged_and_show_one_sample(bigram, corpus, run, tmp_path):

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import harness
-from conftest import assert_one_line_error, ctrl_c_during_step, load_stage, losses_of, snapshot, weights
+from conftest import (assert_one_line_error, cpu_autocast_on, ctrl_c_during_step, load_stage, losses_of, snapshot,
+                      weights)
 
 GPUS = {"GTX 1080": (6, 1), "P100": (6, 0), "T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "H100": (9, 0)}
-cpu_float16 = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="PyTorch before 2.3: no float16 on the CPU")
+cpu_float16 = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                                 reason="PyTorch before 2.3: no float16 on the CPU")
 
 
 @pytest.mark.parametrize("gpu", GPUS)
@@ -94,15 +96,11 @@ def larger_first_scale(monkeypatch, scale=2.0 ** 30):
 FLOAT16 = ["--dtype", "float16", "--max_iters", "30"]
 
 
-def autocast_on():
-    return torch.is_autocast_enabled("cpu") if torch.__version__ >= (2, 4) else torch.is_autocast_cpu_enabled()
-
-
 @cpu_float16
 def test_float16_trains_on_the_cpu_and_counts_the_steps_it_skips(gpt, run, corpus, tmp_path, monkeypatch):
     larger_first_scale(monkeypatch)
     real, inside = harness.full_loss, []
-    monkeypatch.setattr(harness, "full_loss", lambda *a: inside.append(autocast_on()) or real(*a))
+    monkeypatch.setattr(harness, "full_loss", lambda *a: inside.append(cpu_autocast_on()) or real(*a))
     code, out, err = run(gpt, "--data", corpus, *FLOAT16)
     assert code == 0, err
     assert "cpu (" in out and "float16 with a gradient scaler" in out
@@ -196,11 +194,13 @@ def test_a_float32_run_resumed_in_float16_starts_a_new_scale(gpt, run, corpus, t
     assert last["config"]["dtype"] == "float16" and last["scaler"]["scale"] == 2.0 ** 16
 
 
+PARITY_TINY = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--batch_size", "4"]
+
+
 def test_the_parity_tool_sets_two_runs_side_by_side(corpus, capsys):
     """tools/parity.py: the CPU in float32 against a device; here the CPU itself in bfloat16."""
     import parity
-    argv = ["--device", "cpu", "--dtype", "bfloat16", "--steps", "3", "--data", str(corpus), "--n_layer", "1",
-            "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--batch_size", "4"]
+    argv = ["--device", "cpu", "--dtype", "bfloat16", "--steps", "3", "--data", str(corpus), *PARITY_TINY]
     assert parity.main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.split()[0].isdigit()]
@@ -216,8 +216,7 @@ def test_the_parity_tool_fails_a_loss_that_is_not_a_number(gpt, corpus, capsys, 
     """Review finding: max() passed over a NaN difference, and the tool said "within it"."""
     import parity
     poison(gpt, monkeypatch, {4 + 3})                              # the float16 run's third step
-    argv = ["--device", "cpu", "--dtype", "float16", "--steps", "4", "--data", str(corpus), "--n_layer", "1",
-            "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--batch_size", "4"]
+    argv = ["--device", "cpu", "--dtype", "float16", "--steps", "4", "--data", str(corpus), *PARITY_TINY]
     assert parity.main(argv) == 1
     out = capsys.readouterr().out
     assert "nan (skipped)" in out and "largest difference nan nats at step 3" in out and "ABOVE IT" in out
